@@ -67,7 +67,7 @@ def speculate(runner: TargetRunner, prompt: Sequence[int], drafter: Drafter | No
                                f"{min(config.budget, remaining - 1)} (or a tree to a chain-only runner)")
         t1 = time.perf_counter()
         logits = runner.verify(root, draft)                                       # 2. one pass over root + nodes
-        acceptance = accept(draft, logits, config.sampling, generator)            # 3. exact rule
+        acceptance = accept(draft, logits[: draft.n + 1], config.sampling, generator)  # 3. exact rule
         runner.commit(acceptance.path)                                            # 4. keep root + accepted KV
         t2 = time.perf_counter()
         emitted = draft.tokens[acceptance.path].tolist() + [acceptance.bonus]

@@ -25,6 +25,12 @@ class Draft:
     tokens: torch.Tensor  # [n] int64, the drafted token of each node
     parents: torch.Tensor  # [n] int64, parent node index, -1 = child of the root
     q: torch.Tensor | None = None  # [n, vocab] float32, drafter distribution each token was drawn from
+    # An optional auxiliary branch that rides the same forward pass without being verified (Lookahead's Jacobi
+    # window): m tokens at positions root + aux_positions; aux_mask says which of [root, n nodes, m aux tokens] each
+    # aux token attends to (the committed prefix is always visible). Its logits come back after the nodes' rows.
+    aux_tokens: torch.Tensor | None = None  # [m] int64
+    aux_positions: torch.Tensor | None = None  # [m] int64, offsets from the root's position (root = 0)
+    aux_mask: torch.Tensor | None = None  # [m, n + 1 + m] bool
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 1 or self.parents.shape != self.tokens.shape:
@@ -35,6 +41,16 @@ class Draft:
             raise ValueError(f"Draft parents must satisfy -1 <= parents[i] < i, got {self.parents.tolist()}")
         if self.q is not None and (self.q.ndim != 2 or self.q.shape[0] != n):
             raise ValueError(f"Draft q must be [n, vocab] with n={n}, got {tuple(self.q.shape)}")
+        if self.aux_tokens is not None:
+            m = self.aux_tokens.numel()
+            if self.aux_positions is None or self.aux_positions.shape != (m,) or self.aux_mask is None \
+                    or self.aux_mask.shape != (m, n + 1 + m):
+                raise ValueError(f"Draft aux branch needs aux_positions [m] and aux_mask [m, n + 1 + m] with m={m}")
+
+    @property
+    def m(self) -> int:
+        """Number of auxiliary (unverified) tokens riding the pass."""
+        return 0 if self.aux_tokens is None else self.aux_tokens.numel()
 
     @property
     def n(self) -> int:
@@ -65,7 +81,7 @@ class StepResult:
 
     root: int  # the token the step was rooted at (last committed token before the step)
     draft: Draft
-    logits: torch.Tensor  # [n + 1, vocab] raw target logits: row 0 at the root, row i + 1 at draft node i
+    logits: torch.Tensor  # [n + 1 + m, vocab] raw target logits: row 0 root, row i + 1 node i, then aux tokens
     path: list[int]  # accepted draft node indices, root to leaf
     bonus: int  # token the target emitted after the last accepted node
     emitted: list[int] = field(default_factory=list)  # accepted tokens followed by the bonus

@@ -19,6 +19,7 @@ from leapdecode.tree import ancestor_mask, depths
 
 class HFRunner:
     supports_trees = True
+    supports_aux = True  # can score an auxiliary branch (Draft.aux_*) in the verification pass
 
     def __init__(self, hf_model) -> None:
         self.model = hf_model
@@ -60,21 +61,29 @@ class HFRunner:
         if self._verified:
             raise RuntimeError("verify twice without commit")
         n = draft.n
-        if self._cache_len + n + 1 > self.max_positions:
-            raise ValueError(f"sequence would reach {self._cache_len + n + 1} tokens, beyond the model's "
-                             f"{self.max_positions} positions")
-        ids = torch.cat([torch.tensor([root]), draft.tokens.cpu()]).to(self.device)[None]  # [1, n + 1]
-        node_pos = torch.tensor([0] + depths(draft.parents)) + self._cache_len  # [n + 1] root at cache_len
-        mask = torch.cat([torch.ones(n + 1, self._cache_len, dtype=torch.bool),
-                          ancestor_mask(draft.parents)], dim=1)  # [n + 1, cache_len + n + 1]
+        ids = torch.cat([torch.tensor([root]), draft.tokens.cpu()])  # [n + 1]
+        offsets = torch.tensor([0] + depths(draft.parents))  # [n + 1] root at offset 0, nodes at their depth
+        tree = ancestor_mask(draft.parents)  # [n + 1, n + 1]
+        if draft.m:  # auxiliary branch: appended after the nodes, invisible to them
+            ids = torch.cat([ids, draft.aux_tokens.cpu()])
+            offsets = torch.cat([offsets, draft.aux_positions.cpu()])
+            tree = torch.cat([torch.cat([tree, torch.zeros(n + 1, draft.m, dtype=torch.bool)], 1),
+                              draft.aux_mask.cpu()], 0)  # [n + 1 + m, n + 1 + m]
+        rows = ids.numel()
+        if self._cache_len + int(offsets.max()) + 1 > self.max_positions:
+            raise ValueError(f"sequence would reach {self._cache_len + int(offsets.max()) + 1} tokens, beyond the "
+                             f"model's {self.max_positions} positions")
+        ids = ids.to(self.device)[None]  # [1, rows]
+        node_pos = offsets + self._cache_len  # [rows] absolute positions
+        mask = torch.cat([torch.ones(rows, self._cache_len, dtype=torch.bool), tree], dim=1)  # [rows, cache + rows]
         attention_mask = self._additive(mask)
         if self.sliding_window is not None:
-            key_pos = torch.cat([torch.arange(self._cache_len), node_pos])  # [cache_len + n + 1]
+            key_pos = torch.cat([torch.arange(self._cache_len), node_pos])  # [cache_len + rows]
             local = mask & (node_pos[:, None] - key_pos[None, :] < self.sliding_window)
             attention_mask = {"full_attention": attention_mask, "sliding_attention": self._additive(local)}
         logits = self._forward(ids, node_pos.to(self.device)[None], attention_mask)
-        self._verified = n + 1
-        return logits[0]  # [n + 1, vocab]
+        self._verified = rows
+        return logits[0]  # [n + 1 + m, vocab]
 
     @torch.inference_mode()
     def commit(self, path: Sequence[int]) -> None:
