@@ -86,8 +86,10 @@ def speculate(runner: TargetRunner, prompt: Sequence[int], drafter: Drafter | No
             yield emitted
         if hit is not None:
             stats.stop_reason = "eos"
-            return
-    stats.stop_reason = "length"
+            break
+    else:
+        stats.stop_reason = "length"
+    stats.extra.update(getattr(drafter, "report", dict)())  # drafter facts (e.g. a chosen tree budget)
 
 
 @dataclass
