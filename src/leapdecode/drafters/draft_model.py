@@ -78,6 +78,24 @@ class DraftModel:
         self._last_logits_only = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self.reset([], SamplingConfig())
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any], target: Any = None, device: str = "cpu",
+                     dtype: str = "float32", **_: Any) -> "DraftModel":
+        """Build from CLI/server options: `model` names a preset, .gguf file or HF directory to load."""
+        from leapdecode.models.load import load_model
+
+        options = dict(options)
+        name = options.pop("model", None)
+        if not name:
+            raise ValueError("drafter 'draft-model' needs option model=NAME_OR_PATH (a smaller model with the "
+                             "target's tokenizer)")
+        model = load_model(name, device=device, dtype=dtype) if isinstance(name, str) else name
+        if options.get("vocab_size") is not None:
+            options["vocab_size"] = int(options["vocab_size"])
+        elif target is not None:  # keep q as wide as the target's vocabulary
+            options["vocab_size"] = min(target.vocab_size, model.vocab_size)
+        return cls(model, **options)
+
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig) -> None:
         """Start a new request: empty cache, and a fresh generator for this request's seed."""
         self.sampling = sampling
