@@ -43,7 +43,7 @@ def generate(
 ) -> None:
     """Generate text with a drafter; greedy output is identical to plain decoding."""
     from leapdecode import GenerationConfig, SamplingConfig, load_model, stream
-    from leapdecode.drafters.registry import make_drafter, parse_options
+    from leapdecode.drafters.registry import check_options, make_drafter, parse_options
 
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -53,6 +53,7 @@ def generate(
         config = GenerationConfig(max_new_tokens=max_new_tokens, budget=budget, stop=tuple(stop),
                                   sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
         options = parse_options(option)
+        check_options(drafter, options)  # fail fast, before the model loads
         with err.status(f"loading {model} ..."):
             target = load_model(model, device=device, dtype=dtype)
             spec = make_drafter(drafter, options, target=target, device=device, dtype=dtype)
@@ -123,3 +124,5 @@ def _register_subcommands() -> None:
                 raise
             continue
         mod.register(app)
+if __name__ == "__main__":
+    main()

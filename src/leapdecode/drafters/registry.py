@@ -62,17 +62,22 @@ def make_drafter(name: str, options: dict[str, Any] | None = None, **context: An
     `context` carries what some drafters need from the caller: `target` (the loaded target Model) for drafters that
     share its tokenizer or weights, and `device` / `dtype`.
     """
+    kwargs = check_options(name, options)
+    cls = drafter_class(name)
+    if hasattr(cls, "from_options"):  # drafters that must load something (a draft model) build themselves
+        return cls.from_options(kwargs, **context)
+    return cls(**kwargs)
+
+
+def check_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate option names for drafter `name` and convert string values; cheap, so callers check before loading."""
     spec = info(name)
     options = dict(options or {})
     unknown = set(options) - set(spec.options)
     if unknown:
         listed = ", ".join(spec.options) or "none"
         raise ValueError(f"drafter {name!r} has no option {sorted(unknown)[0]!r}; its options: {listed}")
-    kwargs = {key: _convert(name, key, value, spec.options[key]) for key, value in options.items()}
-    cls = drafter_class(name)
-    if hasattr(cls, "from_options"):  # drafters that must load something (a draft model) build themselves
-        return cls.from_options(kwargs, **context)
-    return cls(**kwargs)
+    return {key: _convert(name, key, value, spec.options[key]) for key, value in options.items()}
 
 
 def _convert(name: str, key: str, value: Any, default: Any) -> Any:
