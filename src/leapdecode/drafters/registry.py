@@ -17,6 +17,7 @@ _CLASSES = {  # name -> "module:Class", imported on first use
     "pld": "leapdecode.drafters.pld:PromptLookup",
     "copy": "leapdecode.drafters.copy:CopyDrafter",
     "draft-model": "leapdecode.drafters.draft_model:DraftModel",
+    "lookahead": "leapdecode.drafters.lookahead:Lookahead",
 }
 
 
