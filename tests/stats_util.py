@@ -71,7 +71,7 @@ def tv_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _mean_tv_bound(law: np.ndarray, n: int) -> float:
-    law = np.asarray(law, dtype=np.float64)
+    law = np.clip(np.asarray(law, dtype=np.float64), 0.0, 1.0)  # float rounding can leave 1 + 1e-16
     return 0.5 * float(np.sqrt(law * (1.0 - law)).sum()) / math.sqrt(n)
 
 
