@@ -101,8 +101,10 @@ class DraftModel:
         self.sampling = sampling
         self._cache = DynamicCache()  # no config: every layer is a full, croppable DynamicLayer
         self._cached: list[int] = []  # the tokens whose KV the cache holds, in order
-        # seed + 1: the drafter's random stream must differ from the target's, which uses `seed` itself
-        self._generator = make_generator(None if sampling.seed is None else sampling.seed + 1, self.device)
+        # a mixed seed: the drafter's stream must differ from the target's (which uses `seed`) and from the target
+        # stream of any other seed (seed + 1 would equal request seed + 1's acceptance stream)
+        drafter_seed = None if sampling.seed is None else (sampling.seed * 0x9E3779B97F4A7C15 + 1) % 2**63
+        self._generator = make_generator(drafter_seed, self.device)
 
     def observe(self, step: StepResult) -> None:
         """Nothing to learn: the next `propose` syncs the cache with the context it is given."""
