@@ -17,6 +17,8 @@ _CLASSES = {  # name -> "module:Class", imported on first use
     "pld": "leapdecode.drafters.pld:PromptLookup",
     "copy": "leapdecode.drafters.copy:CopyDrafter",
     "draft-model": "leapdecode.drafters.draft_model:DraftModel",
+    "recycling": "leapdecode.drafters.recycling:TokenRecycling",
+    "hybrid": "leapdecode.drafters.hybrid:Hybrid",
     "lookahead": "leapdecode.drafters.lookahead:Lookahead",
 }
 

@@ -1,0 +1,230 @@
+"""Hybrid drafter: a copy from the context when the model is repeating it, Token Recycling's tree around it.
+
+The two guesses are good at different things. A copy (prompt lookup: what followed the most recent earlier
+occurrence of the context's longest suffix that occurred before, up to `max_ngram` tokens) is right for dozens of
+tokens when the answer quotes the prompt, repeats code or loops, and is noise elsewhere. Token Recycling's tree is
+right for a token or three almost everywhere, never for long. So every step proposes one tree holding both:
+
+- Each candidate node has an estimated probability of being accepted. Template nodes: from their acceptance counts
+  (TreeTemplate.estimates). Copy-chain nodes: from how often a chain of the same match length n was right for d
+  tokens, learned every step from the emitted tokens whether or not the chain was drafted (a chain node is
+  accepted exactly when the chain agrees with the emitted continuation up to it). Deeper nodes are never more
+  likely than shallower ones in either list.
+- The draft keeps the most likely nodes of both lists together. Its size is the loop's budget, or `tree_budget`,
+  or with a latency curve (tree_budget="auto") the size that maximises expected tokens per second for *this* step:
+  a long, reliable match buys a deep chain; no match leaves the recycling tree alone at its usual size.
+- The chain is the first branch; recycling nodes are merged into it like a trie: a recycling node whose parent maps
+  onto a chain node and whose token equals that node's child reuses it, so siblings stay distinct (the exact
+  sampling rule needs that) and no token is verified twice.
+
+Both parts keep learning every step: the recycling table from every verified node's logits, the chain statistics
+from the emitted tokens.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from leapdecode.budget import LatencyCurve, cached_latency_curve
+from leapdecode.drafters.base import Draft, StepResult
+from leapdecode.drafters.pld import PromptLookup, continuation, find_match
+from leapdecode.drafters.recycling import PRIOR_STEPS, TokenRecycling, _check_int
+from leapdecode.sampling import SamplingConfig
+
+# prior P(chain node d is right | node d - 1 was right) for a match of length n = 1, 2, 3, 4+ (before any evidence)
+CHAIN_PRIOR = (0.3, 0.45, 0.6, 0.7)
+
+
+def merge_chain_and_tree(chain: Sequence[int], tokens: Sequence[int], parents: Sequence[int],
+                         limit: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One draft tree from a chain and a tree (tokens, parents with -1 = root, parents first), at most `limit` nodes.
+
+    The chain comes first (its first `limit` tokens); the tree's nodes follow in order, each either reused (same
+    parent, same token as an existing node: the trie merge) or appended while room is left; a node that finds no
+    room is dropped with its subtree. Returns (tokens, parents, chain_nodes, origin): chain_nodes[i] is the merged
+    index of chain token i, origin[j] the merged index of tree node j (-1 when dropped).
+    """
+    out_tokens: list[int] = []
+    out_parents: list[int] = []
+    child: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node: one child per token
+    chain_nodes: list[int] = []
+    parent = -1
+    for token in chain[:limit]:
+        node = len(out_tokens)
+        out_tokens.append(int(token))
+        out_parents.append(parent)
+        child[(parent, int(token))] = node
+        chain_nodes.append(node)
+        parent = node
+    origin: list[int] = []
+    for token, p in zip(tokens, parents):
+        mapped_parent = -1 if p < 0 else origin[p]
+        if p >= 0 and mapped_parent < 0:
+            origin.append(-1)  # the parent was dropped
+            continue
+        key = (mapped_parent, int(token))
+        node = child.get(key)
+        if node is None and len(out_tokens) < limit:
+            node = len(out_tokens)
+            out_tokens.append(int(token))
+            out_parents.append(mapped_parent)
+            child[key] = node
+        origin.append(-1 if node is None else node)
+    return out_tokens, out_parents, chain_nodes, origin
+
+
+class ChainStats:
+    """P(the first d tokens of a copy chain are right), per match length n, as a product of per-depth survival
+    rates: rate(n, d) = P(token d right | tokens < d right). Each step gives evidence up to the first disagreement
+    between the chain and the emitted tokens; when the chain agreed with all of them, the depths beyond are
+    unknown and not counted (censored), which keeps the rates unbiased."""
+
+    def __init__(self, max_ngram: int, max_chain: int) -> None:
+        self.max_chain = max_chain
+        self.at_risk = np.zeros((max_ngram + 1, max_chain))  # [n, d] steps whose outcome at depth d + 1 is known
+        self.survived = np.zeros((max_ngram + 1, max_chain))  # [n, d] of those, chain right up to depth d + 1
+        self._prior = np.array([CHAIN_PRIOR[min(n, len(CHAIN_PRIOR)) - 1] if n else 0.0
+                                for n in range(max_ngram + 1)])  # [n]
+        self._probs: np.ndarray | None = None
+
+    def probs(self, n: int) -> np.ndarray:
+        """[max_chain] P(chain node d + 1 is accepted) for a match of length n, non-increasing in d."""
+        if self._probs is None:
+            rates = (self.survived + PRIOR_STEPS * self._prior[:, None]) / (self.at_risk + PRIOR_STEPS)
+            self._probs = np.cumprod(rates, axis=1)  # [n, d]
+        return self._probs[n]
+
+    def record(self, n: int, chain: Sequence[int], emitted: Sequence[int]) -> None:
+        agree = 0
+        while agree < len(chain) and agree < len(emitted) and chain[agree] == emitted[agree]:
+            agree += 1
+        known = len(chain) if agree < len(emitted) else agree  # censored past the emitted tokens
+        self.at_risk[n, :known] += 1
+        self.survived[n, :agree] += 1
+        self._probs = None
+
+
+class _Lookup(PromptLookup):
+    """Prompt lookup that also says how long the matched suffix was (the chain's reliability depends on it)."""
+
+    def match(self, context: Sequence[int], length: int) -> tuple[int, list[int]]:
+        self._sync(context)
+        buf = self._buf[: self._len]  # [L] view of the context
+        n, end = find_match(buf, self.max_ngram, self.min_ngram)
+        return (n, continuation(buf, end, length).tolist()) if n else (0, [])
+
+
+class Hybrid:
+    """Copy chain + Token Recycling tree, sized by estimated acceptance (name "hybrid")."""
+
+    name = "hybrid"
+    description = "hybrid: prompt-lookup copy chain plus the token recycling tree, nodes kept by estimated acceptance"
+
+    def __init__(self, max_ngram: int = 4, max_chain: int = 32, top_k: int = 8, template: Any = None,
+                 tree_budget: Any = "auto", table_path: str = "", vocab_size: int = 0, update: str = "all",
+                 latency_curve: LatencyCurve | None = None) -> None:
+        """max_ngram: longest suffix matched for the copy chain (longer matches are more reliable);
+        max_chain: longest copy chain drafted. tree_budget: "auto" (with a latency curve: per step, the size that
+        maximises expected tokens per second; without one: the recycling template plus the chain) or an integer
+        cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
+        _check_int("max_ngram", max_ngram, 1, 16)
+        _check_int("max_chain", max_chain, 1, 256)
+        self.lookup = _Lookup(max_ngram=max_ngram, min_ngram=1, num_draft_tokens=max_chain)
+        self.chain_stats = ChainStats(max_ngram, max_chain)
+        self.max_chain = max_chain
+        self.recycling = TokenRecycling(top_k=top_k, template=template, tree_budget=tree_budget,
+                                        table_path=table_path, vocab_size=vocab_size, update=update,
+                                        latency_curve=latency_curve)
+        self.latency_curve = latency_curve
+        # step seconds at 0 .. max size nodes, looked up per step when the size is chosen per step
+        self._latency = None if latency_curve is None or not self.recycling.auto else \
+            np.array([latency_curve.latency(b) for b in range(latency_curve.max_size + 1)])
+        self._match: tuple[int, list[int]] = (0, [])  # (n, chain) found at the last propose
+        self._chain_nodes: list[int] = []  # merged node index of each drafted chain token
+        self._selected: list[int] = []  # template nodes selected for the last draft
+        self._origin: dict[int, int] = {}  # merged node -> template index, for the recycling nodes drafted
+        self._last_draft: Draft | None = None
+        self.steps = self.nodes = self.chain_nodes = 0  # facts for the stats
+
+    @classmethod
+    def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any) -> Hybrid:
+        """Registry entry: like TokenRecycling, measure or load the target's latency curve for tree_budget=auto."""
+        kwargs = dict(kwargs)
+        if target is not None:
+            kwargs.setdefault("vocab_size", target.vocab_size)
+            if str(kwargs.get("tree_budget", "auto")).strip().lower() == "auto":
+                kwargs["latency_curve"] = cached_latency_curve(target)
+        return cls(**kwargs)
+
+    def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:
+        """New request: the copy index restarts from the prompt; the recycling table and all acceptance
+        statistics are kept (warm start)."""
+        self.lookup.reset(prompt, sampling)
+        self.recycling.reset(prompt, sampling)
+        self._match, self._chain_nodes, self._origin, self._last_draft = (0, []), [], {}, None
+
+    def propose(self, context: Sequence[int], budget: int) -> Draft:
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0, got {budget}")
+        self._origin, self._chain_nodes, self._selected = {}, [], []
+        n, chain = self._match = self.lookup.match(context, self.max_chain)
+        chain_p = self.chain_stats.probs(n)[: len(chain)] if n else np.zeros(0)  # [len(chain)] non-increasing
+        template = self.recycling.template
+        ranked = template.ranked()
+        template_p = template.estimates()[ranked]  # [T] non-increasing
+        size, n_chain = self._choose(chain_p, template_p, budget)
+        self._selected = sorted(ranked[: size - n_chain])
+        tokens, parents, template_nodes = self.recycling.table.expand(int(context[-1]), template, self._selected)
+        merged, merged_parents, self._chain_nodes, origin = merge_chain_and_tree(chain[:n_chain], tokens, parents,
+                                                                                size)
+        for j, node in enumerate(origin):
+            if node >= 0:
+                self._origin[node] = template_nodes[j]
+        self.steps += 1
+        self.nodes += len(merged)
+        self.chain_nodes += len(self._chain_nodes)
+        draft = Draft.tree(merged, merged_parents) if merged else Draft.empty()
+        self._last_draft = draft
+        return draft
+
+    def _choose(self, chain_p: np.ndarray, template_p: np.ndarray, budget: int) -> tuple[int, int]:
+        """(draft size, how many of its nodes are chain nodes): the most likely nodes of both lists, as many as
+        the budget allows, or (auto with a curve) as many as maximise expected tokens per second."""
+        merged = list(heapq.merge(((-p, 0) for p in chain_p), ((-p, 1) for p in template_p)))  # most likely first
+        cap = min(budget, len(merged))
+        if self._latency is not None:
+            cap = min(cap, len(self._latency) - 1)
+            expected = 1.0 - np.cumsum([0.0] + [p for p, _ in merged[:cap]])  # [cap + 1] 1 + sum of p (p negated)
+            size = int(np.argmax(expected / self._latency[: cap + 1]))
+        elif self.recycling.auto:  # no curve: the whole template plus the chain
+            size = cap
+        else:  # a fixed cap on all nodes
+            size = min(cap, self.recycling.tree_budget)
+        return size, sum(1 for _, source in merged[:size] if source == 0)
+
+    def observe(self, step: StepResult) -> None:
+        self.recycling.learn(step)
+        n, chain = self._match
+        if n:  # learn how reliable a chain of this match length is, drafted or not
+            self.chain_stats.record(n, chain, step.emitted)
+        if step.draft is self._last_draft and self._selected:  # count the template nodes tried and accepted
+            self.recycling.record(self._selected, [self._origin[node] for node in step.path if node in self._origin])
+
+    def save(self, path) -> None:
+        self.recycling.save(path)
+
+    def load(self, path) -> None:
+        self.recycling.load(path)
+
+    def report(self) -> dict[str, Any]:
+        out = self.recycling.report()
+        out.update(mean_draft_nodes=round(self.nodes / max(self.steps, 1), 2),
+                   mean_chain_nodes=round(self.chain_nodes / max(self.steps, 1), 2))
+        return out
+
+    def state_bytes(self) -> int:
+        return self.recycling.state_bytes() + self.lookup.state_bytes() + int(self.chain_stats.at_risk.nbytes * 2)
