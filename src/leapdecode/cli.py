@@ -116,7 +116,8 @@ def _register_subcommands() -> None:
     """Sub-command groups living in their own packages (bench, serve) register here when present."""
     import importlib
 
-    for module, name in (("leapdecode.bench.cli", "bench"), ("leapdecode.serve.cli", "serve")):
+    for module, name in (("leapdecode.bench.cli", "bench"), ("leapdecode.serve.cli", "serve"),
+                         ("leapdecode.trigram_cli", "build-trigrams")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

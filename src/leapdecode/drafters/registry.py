@@ -20,6 +20,7 @@ _CLASSES = {  # name -> "module:Class", imported on first use
     "recycling": "leapdecode.drafters.recycling:TokenRecycling",
     "hybrid": "leapdecode.drafters.hybrid:Hybrid",
     "lookahead": "leapdecode.drafters.lookahead:Lookahead",
+    "aded": "leapdecode.drafters.aded:ADED",
 }
 
 
