@@ -177,10 +177,15 @@ class Hybrid:
         ranked = template.ranked()
         template_p = template.estimates()[ranked]  # [T] non-increasing
         size, n_chain = self._choose(chain_p, template_p, budget)
-        self._selected = sorted(ranked[: size - n_chain])
-        tokens, parents, template_nodes = self.recycling.table.expand(int(context[-1]), template, self._selected)
-        merged, merged_parents, self._chain_nodes, origin = merge_chain_and_tree(chain[:n_chain], tokens, parents,
-                                                                                size)
+        root, chain, take = int(context[-1]), chain[:n_chain], size - n_chain
+        for _ in range(3):  # template nodes that coincide with chain nodes free their slot for the next ones
+            self._selected = sorted(ranked[:take])
+            tokens, parents, template_nodes = self.recycling.table.expand(root, template, self._selected)
+            merged, merged_parents, self._chain_nodes, origin = merge_chain_and_tree(chain, tokens, parents, size)
+            shared = size - len(merged) if len(tokens) == take else 0  # slots lost to merging, not to empty rows
+            if shared <= 0 or take >= len(ranked):
+                break
+            take += shared
         for j, node in enumerate(origin):
             if node >= 0:
                 self._origin[node] = template_nodes[j]

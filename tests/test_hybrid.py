@@ -1,0 +1,168 @@
+"""The hybrid drafter on literal contexts and tables: trie merge, chain statistics, node selection, budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from leapdecode.budget import LatencyCurve
+from leapdecode.drafters.base import StepResult
+from leapdecode.drafters.hybrid import ChainStats, Hybrid, merge_chain_and_tree
+from leapdecode.drafters.recycling import RecyclingTable
+from leapdecode.tree import children
+
+
+def hybrid_with_rows(rows: dict[int, list[int]], vocab: int = 20, **kwargs) -> Hybrid:
+    drafter = Hybrid(top_k=3, template="0;1;2;0,0;0,1;1,0;0,0,0", vocab_size=vocab, **kwargs)
+    table = RecyclingTable(top_k=3, vocab_size=vocab)
+    for token, row in rows.items():
+        table.table[token] = row
+    drafter.recycling.table = table
+    return drafter
+
+
+def assert_distinct_siblings(tokens, parents):
+    for kids in children(parents).values():
+        assert len({tokens[k] for k in kids}) == len(kids)
+
+
+# ---------------------------------------------------------------- trie merge
+
+
+def test_merge_reuses_common_prefixes():
+    # chain 5 6 7; tree: 5 (root child), 9 (root child), 6 under the tree's 5, 8 under the tree's 5.
+    # The tree's 5 is the chain's first node, its 6 the chain's second: both reused; 9 and 8 are new nodes
+    tokens, parents, chain_nodes, origin = merge_chain_and_tree([5, 6, 7], [5, 9, 6, 8], [-1, -1, 0, 0], limit=10)
+    assert tokens == [5, 6, 7, 9, 8] and parents == [-1, 0, 1, -1, 0]
+    assert chain_nodes == [0, 1, 2] and origin == [0, 3, 1, 4]
+
+
+def test_merge_respects_the_limit():
+    # room for 4 nodes: the chain takes 3, the tree's 9 takes the last; 8 finds no room, nor does its child 2
+    tokens, parents, _, origin = merge_chain_and_tree([5, 6, 7], [5, 9, 8, 2], [-1, -1, 0, 2], limit=4)
+    assert tokens == [5, 6, 7, 9] and parents == [-1, 0, 1, -1]
+    assert origin == [0, 3, -1, -1]
+    # a limit below the chain's length cuts the chain
+    assert merge_chain_and_tree([5, 6, 7], [], [], limit=2)[0] == [5, 6]
+
+
+def test_merge_keeps_siblings_distinct_on_random_inputs():
+    rng = random.Random(0)
+    for _ in range(200):
+        chain = [rng.randrange(6) for _ in range(rng.randrange(6))]
+        n = rng.randrange(12)
+        parents = [rng.randrange(-1, i) for i in range(n)]
+        tokens = []
+        for i, p in enumerate(parents):  # the tree itself has distinct siblings, as a recycling tree does
+            used = {tokens[j] for j in range(i) if parents[j] == p}
+            tokens.append(rng.choice([t for t in range(12) if t not in used]))
+        merged, merged_parents, _, _ = merge_chain_and_tree(chain, tokens, parents, limit=rng.randrange(1, 20))
+        assert all(p < i for i, p in enumerate(merged_parents))
+        assert_distinct_siblings(merged, merged_parents)
+
+
+# ---------------------------------------------------------------- chain statistics
+
+
+def test_chain_stats_censoring():
+    stats = ChainStats(max_ngram=2, max_chain=4)
+    # the chain disagrees with the emitted tokens at depth 3: depths 1-2 right, 3-4 known wrong
+    stats.record(2, [1, 2, 3, 4], [1, 2, 9])
+    assert stats.at_risk[2].tolist() == [1, 1, 1, 1] and stats.survived[2].tolist() == [1, 1, 0, 0]
+    # the chain agrees with both emitted tokens: depths 3-4 are unknown, not counted as failures
+    stats.record(2, [1, 2, 3, 4], [1, 2])
+    assert stats.at_risk[2].tolist() == [2, 2, 1, 1] and stats.survived[2].tolist() == [2, 2, 0, 0]
+    # probabilities are products of per-depth rates: non-increasing, and below the prior after the failure
+    p = stats.probs(2)
+    assert all(a >= b for a, b in zip(p, p[1:])) and p[2] < p[1]
+
+
+def test_chain_stats_learn_reliable_long_matches():
+    stats = ChainStats(max_ngram=4, max_chain=8)
+    for _ in range(200):  # 4-gram matches always right for 8 tokens; 1-gram matches always wrong at once
+        stats.record(4, list(range(8)), list(range(8)) + [99])
+        stats.record(1, list(range(8)), [99])
+    # each 4-gram rate is (200 + 16 * 0.7) / (200 + 16) ~ .978 (the prior weighs 16 steps): .978^8 ~ .84;
+    # the 1-gram rate at depth 1 is (0 + 16 * .3) / 216 ~ .022
+    assert stats.probs(4)[7] == pytest.approx(((200 + 16 * 0.7) / 216) ** 8)
+    assert stats.probs(4)[7] > 0.8 and stats.probs(1)[0] < 0.03
+
+
+# ---------------------------------------------------------------- drafts
+
+
+ROWS = {6: [7, 9, 10], 7: [11, 8, 12]}  # token 6 -> 7 9 10; token 7 -> 11 8 12
+
+
+def test_chain_and_tree_share_nodes():
+    # context ... 5 6 7 8 | 5 6: the suffix "5 6" occurred before, so the chain copies 7 8 5 6 ...
+    # ranking with the priors: chain depth 1 (.45), template (0,) (.42), chain depth 2 (.2), template (0, 0)
+    # (.18): 4 nodes. Template (0,) is row 6's entry 0 = 7, the chain's first token: merged, which frees a slot
+    # for the next template node, (1,) (.10) = row 6's entry 1 = 9. (0, 0) is row 7's entry 0 = 11, a new child
+    # of the shared node 7 beside the chain's 8. Template nodes come after the chain, in template order
+    drafter = hybrid_with_rows(ROWS, tree_budget=4)
+    draft = drafter.propose([5, 6, 7, 8, 5, 6], budget=64)
+    assert draft.tokens.tolist() == [7, 8, 9, 11] and draft.parents.tolist() == [-1, 0, -1, 0]
+    assert draft.q is None
+
+
+def test_no_match_leaves_the_recycling_tree():
+    # no earlier occurrence of the root 6: the template alone, its best 4 nodes (0,) (0,0) (1,) (0,0,0);
+    # (0,0,0) would follow row 11, which is empty, so 3 nodes
+    drafter = hybrid_with_rows(ROWS, tree_budget=4)
+    draft = drafter.propose([1, 2, 6], budget=64)
+    assert draft.tokens.tolist() == [7, 9, 11] and draft.parents.tolist() == [-1, -1, 0]
+
+
+def test_observe_feeds_both_parts():
+    drafter = hybrid_with_rows(ROWS, tree_budget=4)
+    context = [5, 6, 7, 8, 5, 6]
+    draft = drafter.propose(context, budget=64)  # tokens [7, 8, 9, 11], parents [-1, 0, -1, 0]
+    logits = torch.zeros(draft.n + 1, 20)
+    logits[0, 7] = logits[1, 8] = logits[2, 3] = 1.0  # the target goes 7 8 then 3
+    step = StepResult(6, draft, logits, path=[0, 1], bonus=3, emitted=[7, 8, 3])
+    drafter.observe(step)
+    # the chain 7 8 5 6 ... agreed for 2 tokens then met 3: depths 1-2 right, the rest known wrong
+    assert drafter.chain_stats.survived[2, :3].tolist() == [1, 1, 0]
+    assert drafter.chain_stats.at_risk[2, :3].tolist() == [1, 1, 1]
+    # the table learned the rows of the verified tokens (6 at the root, 7, 8, 9, 11), and the template counted
+    # its three selected nodes, of which (0,) (the shared 7) was accepted
+    table = drafter.recycling.table.table
+    assert table[8, 0] == 3 and table[6, 0] == 7
+    template = drafter.recycling.template
+    assert template.trials.sum() == 3 and template.hits.tolist() == [1, 0, 0, 0, 0, 0, 0]
+
+
+def test_reset_keeps_what_was_learned():
+    drafter = hybrid_with_rows(ROWS, tree_budget=4)
+    drafter.propose([5, 6, 7, 8, 5, 6], budget=64)
+    drafter.chain_stats.record(2, [1], [1, 2])
+    drafter.reset([1, 2, 6])
+    # a new request: the copy index holds only the new prompt (no match for 6), the table is still there
+    assert drafter.propose([1, 2, 6], budget=64).tokens.tolist() == [7, 9, 11]
+    assert drafter.chain_stats.at_risk.sum() == 1
+
+
+def test_auto_size_buys_a_long_reliable_chain():
+    # every node costs 10% of a plain step; a chain of a 4-gram match that was always right for 16 tokens is
+    # worth almost a token per node, the recycling nodes (<= .42) much less
+    curve = LatencyCurve((0, 64), (0.010, 0.074))
+    drafter = hybrid_with_rows(ROWS, latency_curve=curve, max_chain=16)
+    for _ in range(300):
+        drafter.chain_stats.record(4, list(range(16)), list(range(16)) + [99])
+    looping = [1, 2, 3, 4, 5, 6, 7, 8, 9] * 3 + [1, 2, 3, 4]  # suffix 1 2 3 4 occurred before: 4-gram match
+    with_chain = drafter.propose(looping, budget=64)
+    without = drafter.propose([1, 2, 6], budget=64)
+    assert with_chain.n >= 12 and with_chain.tokens.tolist()[:4] == [5, 6, 7, 8]
+    assert 1 <= without.n <= 3
+    assert_distinct_siblings(with_chain.tokens.tolist(), with_chain.parents.tolist())
+
+
+def test_loop_budget_caps_everything():
+    drafter = hybrid_with_rows(ROWS)
+    assert drafter.propose([5, 6, 7, 8, 5, 6], budget=2).n == 2
+    assert drafter.propose([5, 6, 7, 8, 5, 6], budget=0).n == 0
+    with pytest.raises(ValueError, match="max_chain"):
+        Hybrid(max_chain=0)
