@@ -18,6 +18,16 @@ from leapdecode.models.tiny import tiny_model
 from leapdecode.stats import Stats
 from leapdecode.tree import children
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny forward passes are dominated by per-op overhead, which a second intra-op thread only adds to (and on a
+    loaded two-core machine makes far slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # a template over 3 ranks: the root's 3 entries, two children under (0,), one under (1,), a grandchild under (0, 0)
 TEMPLATE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
 
@@ -207,7 +217,7 @@ def test_bootstrap_from_an_empty_table():
 
 
 def test_siblings_distinct_and_warm_start_on_a_tiny_model():
-    model = tiny_model("llama", vocab_size=64, seed=1)
+    model = tiny_model("llama", vocab_size=64, seed=1, num_hidden_layers=1)
     runner = HFRunner(model.hf_model)
     drafter = TokenRecycling(top_k=4, template=best_first_template((0.5, 0.2, 0.1, 0.05), 24, 4))
     seen = []
@@ -219,7 +229,7 @@ def test_siblings_distinct_and_warm_start_on_a_tiny_model():
         return draft
 
     drafter.propose = recording
-    config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    config = GenerationConfig(max_new_tokens=24, ignore_eos=True)
     prompt = [3, 9, 12, 5, 3, 9, 12]
     cold = Stats()
     list(speculate(runner, prompt, drafter, config, stats=cold))
