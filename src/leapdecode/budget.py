@@ -156,6 +156,13 @@ def monotone(values: Sequence[float]) -> list[float]:
     return [total / count for total, count in blocks for _ in range(int(count))]
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not available on every platform
+        return None
+
+
 def curve_key(model_name: str, device: torch.device | str, dtype: torch.dtype | str) -> str:
     """What a curve depends on: model, device (with its name on CUDA), dtype, torch version and CPU threads."""
     device = torch.device(device)
@@ -187,8 +194,13 @@ def cached_latency_curve(model: Any, cache_dir: str | os.PathLike | None = None,
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             pass  # a stale or damaged file: measure again and overwrite it
     curve = measure_latency(model.runner(), sizes, repeats, context_len, key=key)
+    data = curve.to_json()
+    # for whoever reads the file: when, and how busy the machine was (a loaded machine skews the curve; measure
+    # again with remeasure=True when it is quiet)
+    data["measured"] = {"unix_time": round(time.time()), "load_average": _load_average()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(curve.to_json(), f, indent=1)
+        json.dump(data, f, indent=1)
+    os.chmod(f.name, 0o644)  # as readable as the rest of the cache (the temporary file is created private)
     os.replace(f.name, path)  # atomic: readers see the old file or the new one, never half of one
     return curve

@@ -265,7 +265,13 @@ class RecyclingTable:
 
 
 class TokenRecycling:
-    """Token Recycling (name "recycling"): a static tree template expanded through the target's remembered top-k."""
+    """Token Recycling (name "recycling"): a static tree template expanded through the target's remembered top-k.
+
+    TokenRecycling() drafts the whole template (the paper's setting, right for a GPU where 80 nodes cost about
+    one step). For a tree sized to the device, give it the target's latency curve:
+    TokenRecycling(latency_curve=leapdecode.budget.cached_latency_curve(model)); the CLI and server do that
+    (from_options) whenever tree_budget is "auto".
+    """
 
     name = "recycling"
     description = "token recycling: adjacency table of the target's top-k next tokens, expanded along a tree template"
