@@ -1,0 +1,315 @@
+"""Continuous batching: one background thread runs every admitted sequence, a step at a time.
+
+Each iteration of the loop:
+  1. admit waiting sequences into free batch slots, drop cancelled ones (a disconnected client frees its slot here);
+  2. one decode step for every sequence past its prefill: choose the draft length for this batch
+     (leapdecode.serve.speculation), let each sequence's drafter propose, verify all drafts in one forward pass,
+     apply the exact acceptance rule per sequence, commit, observe, emit;
+  3. prefill the next chunk (at most `prefill_chunk` prompt tokens) of sequences that just joined, so a long
+     prompt delays the running sequences by one chunk per iteration instead of by its whole length.
+Sequences join and leave between steps. All torch work happens on this thread; the asyncio side only submits and
+cancels sequences and receives their events through each sequence's sink.
+
+Each sequence keeps its own cache length, positions, mask, drafter, generator and stats (see BatchRunner and
+Sequence), so its output is the one it would get alone: identical tokens under greedy decoding, the same
+distribution under sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from leapdecode.accept import accept
+from leapdecode.drafters.base import Draft, StepResult
+from leapdecode.serve.batch_runner import BatchRunner
+from leapdecode.serve.sequence import Failed, Sequence
+from leapdecode.serve.speculation import StepCost, choose_draft_length, own_draft_length
+from leapdecode.tree import depths
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: answer 429 and let the client retry."""
+
+
+class Unavailable(Exception):
+    """The scheduler is not accepting work (starting, draining or stopped): answer 503."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int = 8  # sequences decoded together (batch slots)
+    max_waiting: int = 64  # sequences queued for a slot; beyond this, submissions are refused
+    prefill_chunk: int = 128  # prompt tokens prefilled per iteration
+    max_draft: int = 32  # longest draft (nodes) any sequence may verify in one step
+    calibration_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)  # step sizes timed at start-up
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_waiting", "max_draft"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.calibration_rows or min(self.calibration_rows) < 1:
+            raise ValueError(f"calibration_rows must be non-empty sizes >= 1, got {self.calibration_rows}")
+
+
+class Scheduler:
+    def __init__(self, runner: BatchRunner, config: SchedulerConfig, metrics=None, cost: StepCost | None = None) -> None:
+        if runner.max_batch != config.max_batch:
+            raise ValueError(f"runner has {runner.max_batch} slots but config.max_batch is {config.max_batch}")
+        self.runner, self.config, self.metrics, self.cost = runner, config, metrics, cost
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # set if the loop itself died
+        self.last_draft_length = 0  # the k chosen for the last decode step (for metrics and tests)
+
+    # ------------------------------------------------------------------------------------------ control (any thread)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def healthy(self) -> bool:
+        return self._accepting and self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def start(self) -> None:
+        """Calibrate the step cost (unless given), then start the loop thread."""
+        if self.cost is None:
+            self.cost = self._calibrate()
+        self._thread = threading.Thread(target=self._loop, name="leapdecode-scheduler", daemon=True)
+        with self._cond:
+            self._accepting = True
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise Unavailable("the server is not accepting requests (shutting down)")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise Overloaded(f"{len(self._running)} requests running and {len(self._waiting)} waiting "
+                                 f"(limit {self.config.max_waiting}); retry later")
+            self._waiting.append(seq)
+            self._cond.notify_all()
+
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: the loop drops the sequence before its next step."""
+        seq.cancel()
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> bool:
+        """Refuse new work; with drain, let admitted and queued sequences finish (up to `timeout` seconds), then
+        cancel what is left and end the loop. True when everything finished without being cancelled."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._accepting = False
+            while drain and (self._waiting or self._running) and self._thread is not None and self._thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            clean = not (self._waiting or self._running)
+            for seq in list(self._waiting) + self._running:
+                seq.cancel()
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        return clean
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._waiting or self._running or self._stopping):
+                        self._cond.wait()
+                    if self._stopping and not (self._waiting or self._running):
+                        return
+                self._iteration()
+                with self._cond:
+                    self._cond.notify_all()  # stop() waits for the queues to empty
+        except BaseException as exc:  # a bug or an unrecoverable device error: fail everyone, refuse new work
+            logger.exception("scheduler loop died")
+            self.error = exc
+            with self._cond:
+                self._accepting = False
+                pending = list(self._waiting) + self._running
+                self._waiting.clear()
+                self._running.clear()
+                self._cond.notify_all()
+            for seq in pending:
+                seq.state = "done"
+                seq.sink(Failed(500, f"internal error: {exc}"))
+
+    def _iteration(self) -> None:
+        self._admit()
+        self._drop_cancelled()
+        decoding = [seq for seq in self._running if seq.state == "decode"]
+        if decoding:
+            self._decode_step(decoding)
+        self._prefill()
+
+    def _admit(self) -> None:
+        admitted, dropped = [], []
+        with self._cond:
+            while self._waiting and self.runner.free_slots:
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    dropped.append(seq)
+                    continue
+                seq.slot, seq.state = self.runner.allocate(), "prefill"
+                self._running.append(seq)
+                admitted.append(seq)
+        for seq in dropped:
+            self._report(seq, seq.finish("cancelled"))
+        for seq in admitted:
+            try:
+                seq.drafter.reset(list(seq.prompt), seq.config.sampling)
+            except Exception as exc:  # a drafter bug fails its own request only
+                self._fail(seq, 500, f"drafter {seq.drafter.name!r} failed to start: {exc}")
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            dropped = [seq for seq in self._waiting if seq.cancelled]
+            for seq in dropped:
+                self._waiting.remove(seq)
+        for seq in dropped:
+            self._report(seq, seq.finish("cancelled"))
+        for seq in [seq for seq in self._running if seq.cancelled]:
+            self._release(seq)
+            self._report(seq, seq.finish("cancelled"))
+
+    def _prefill(self) -> None:
+        """Feed up to `prefill_chunk` prompt tokens of joining sequences; those done move on to decoding."""
+        budget = self.config.prefill_chunk
+        for seq in [seq for seq in self._running if seq.state == "prefill"]:
+            todo = seq.prompt[seq.prefilled : len(seq.prompt) - 1]  # the root (last prompt token) is not prefilled
+            if todo and budget:
+                chunk = todo[:budget]
+                start = time.perf_counter()
+                try:
+                    self.runner.prefill(seq.slot, chunk)
+                except Exception as exc:
+                    self._fail(seq, 500, f"prefill failed: {exc}")
+                    continue
+                seq.stats.prefill_seconds += time.perf_counter() - start
+                seq.prefilled += len(chunk)
+                budget -= len(chunk)
+            if seq.prefilled == len(seq.prompt) - 1:
+                seq.state = "decode"
+            if not budget:
+                break
+
+    def _decode_step(self, batch: list[Sequence]) -> None:
+        # 1. how much each sequence may draft (common adaptive length; reproducible requests decide alone)
+        caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
+        rows = [seq.slot.row for seq in batch]
+        width = max(rows) - min(rows) + 1  # the pass spans these cache rows (prefilling ones carry padding)
+        own = {seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
+               for seq, cap in zip(batch, caps) if seq.reproducible}
+        adaptive = [(seq.estimate, cap) for seq, cap in zip(batch, caps) if not seq.reproducible]
+        k = choose_draft_length([e for e, _ in adaptive], [c for _, c in adaptive], width, self.cost,
+                                self.config.max_draft, [(seq.estimate, own[seq.id]) for seq in batch
+                                                        if seq.reproducible])
+        self.last_draft_length = k
+        # 2. guess
+        entries: list[tuple[Sequence, Draft]] = []
+        for seq, cap in zip(batch, caps):
+            budget = own[seq.id] if seq.reproducible else min(k, cap)
+            t0 = time.perf_counter()
+            try:
+                draft = seq.drafter.propose(seq.context, budget)
+                if draft.n > budget:
+                    raise RuntimeError(f"proposed {draft.n} nodes over a budget of {budget}")
+            except Exception as exc:
+                self._fail(seq, 500, f"drafter {seq.drafter.name!r} failed: {exc}")
+                continue
+            seq.stats.drafter_seconds += time.perf_counter() - t0
+            entries.append((seq, draft))
+        if not entries:
+            return
+        # 3. one forward pass over every sequence's root and draft
+        t1 = time.perf_counter()
+        try:
+            logits = self.runner.verify([(seq.slot, seq.root, draft) for seq, draft in entries])
+        except Exception as exc:
+            logger.exception("batched verification failed")
+            for seq, _ in entries:
+                self._fail(seq, 500, f"verification failed: {exc}")
+            return
+        seconds = time.perf_counter() - t1
+        span = max(seq.slot.row for seq, _ in entries) - min(seq.slot.row for seq, _ in entries) + 1
+        self.cost.observe(span * max(row.shape[0] for row in logits), seconds)
+        if self.metrics is not None:
+            self.metrics.on_batch(len(entries), k)
+        # 4. per sequence: exact acceptance, commit, observe, emit
+        done = []
+        for (seq, draft), seq_logits in zip(entries, logits):
+            t2 = time.perf_counter()
+            try:
+                acceptance = accept(draft, seq_logits[: draft.n + 1], seq.config.sampling, seq.generator)
+                self.runner.commit(seq.slot, acceptance.path)
+                emitted = draft.tokens[acceptance.path].tolist() + [acceptance.bonus]
+                seq.drafter.observe(StepResult(seq.root, draft, seq_logits, acceptance.path, acceptance.bonus,
+                                               emitted))
+            except Exception as exc:
+                self._fail(seq, 500, f"step failed: {exc}")
+                continue
+            depth = max(depths(draft.parents), default=0)
+            seq.stats.record_step(depth, draft.n, len(acceptance.path))
+            seq.stats.target_seconds += seconds
+            seq.stats.drafter_seconds += time.perf_counter() - t2
+            seq.estimate.observe(depth, len(acceptance.path))
+            before = seq.stats.new_tokens
+            finished = seq.emit(emitted)
+            if self.metrics is not None:
+                self.metrics.on_step(depth, draft.n, len(acceptance.path), seq.stats.new_tokens - before)
+            if finished:
+                done.append(seq)
+        for seq in done:
+            self._release(seq)
+            self._report(seq, seq.finish())
+
+    # ---------------------------------------------------------------------------------------------- endings
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.slot is not None:
+            self.runner.release(seq.slot)
+            seq.slot = None
+
+    def _fail(self, seq: Sequence, status: int, message: str) -> None:
+        logger.error("request %d failed: %s", seq.id, message)
+        self._release(seq)
+        seq.state = "done"
+        seq.sink(Failed(status, message))
+        if self.metrics is not None:
+            self.metrics.on_failed()
+
+    def _report(self, seq: Sequence, result) -> None:
+        if self.metrics is not None:
+            self.metrics.on_finish(seq, result)
+
+    def _calibrate(self) -> StepCost:
+        """Time verification passes of the configured sizes on a scratch slot (the best of two each)."""
+        self.runner.time_step(1)  # warm-up: first-call allocations
+        return StepCost({n: min(self.runner.time_step(n) for _ in range(2)) for n in self.config.calibration_rows})

@@ -1,0 +1,148 @@
+"""How much to draft in a batch: per-sequence acceptance estimates and a measured step cost choose the draft length.
+
+Speculation pays when the tokens it adds per step outweigh what the wider step costs. One sequence on a CPU is
+memory-bound: verifying 8 rows costs little more than verifying 1, so drafting is nearly free. A batch of 16 is
+already compute-bound: every extra row of every sequence costs time. So the choice depends on the batch, and on how
+well each sequence's drafter has been doing.
+
+- `AcceptanceEstimate` (one per sequence) tracks how often a drafted position is accepted, as decayed counts with a
+  prior, so it follows a sequence's recent behaviour. Under a geometric model with per-position rate a, a chain of
+  length k yields a + a^2 + ... + a^k accepted tokens on average. The counts also decay on steps without a draft, so
+  a sequence that stopped drafting drifts back to the prior and is probed again later: a bad estimate cannot lock
+  speculation off for good.
+- `StepCost` maps the rows of a step (batch width x rows per sequence, padding included) to seconds, calibrated at
+  start-up and refined by every step the scheduler runs.
+- `choose_draft_length` picks the common draft length k that maximises expected emitted tokens per second for the
+  whole batch: (B + sum_b E_b(k)) / cost(B * (1 + k)). k = 0 is plain decoding, whose value is B / cost(B), so k > 0
+  is chosen only when the model of the step predicts more tokens per second than not speculating.
+Because steps are right-padded to the widest sequence, every sequence is offered the same k (a shorter draft would
+save nothing); `own_draft_length` is the batch-independent rule for requests that must be reproducible.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Decayed counts of drafted positions tried and accepted, with a prior (per sequence)."""
+
+    prior_rate: float = 0.6  # acceptance rate assumed before any evidence
+    prior_weight: float = 2.0  # how many tried positions the prior is worth
+    decay: float = 0.9  # per step: evidence older than ~10 steps fades
+    tried: float = 0.0
+    accepted: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prior_rate < 1.0:
+            raise ValueError(f"prior_rate must be in [0, 1), got {self.prior_rate}")
+        if self.prior_weight <= 0:
+            raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+
+    @property
+    def rate(self) -> float:
+        """Estimated probability that a drafted position is accepted given its parent was."""
+        rate = (self.accepted + self.prior_rate * self.prior_weight) / (self.tried + self.prior_weight)
+        return min(rate, 0.99)  # keeps expected_accepted finite-looking and below k
+
+    def observe(self, drafted_depth: int, accepted: int) -> None:
+        """After a step: the draft reached `drafted_depth`, `accepted` positions were kept (bonus not counted).
+
+        Positions tried = the accepted ones plus the one rejected, if the walk stopped before the draft's end.
+        """
+        self.tried *= self.decay
+        self.accepted *= self.decay
+        if drafted_depth:
+            self.tried += accepted + (1 if accepted < drafted_depth else 0)
+            self.accepted += accepted
+
+    def expected_accepted(self, k: int) -> float:
+        """Mean accepted tokens of a k-long chain: a + a^2 + ... + a^k."""
+        a = self.rate
+        return a * (1.0 - a**k) / (1.0 - a) if k > 0 else 0.0
+
+
+class StepCost:
+    """Seconds per verification pass as a function of its rows (batch width x rows per sequence).
+
+    Piecewise linear between known points; beyond the largest point it grows in proportion to the rows (a
+    compute-bound pass). `observe` moves the estimate at the observed size towards what a real step took (by
+    `weight`; 0 freezes the curve) and keeps the curve non-decreasing.
+    """
+
+    def __init__(self, points: dict[int, float], weight: float = 0.1) -> None:
+        if not points or any(n < 1 or t <= 0 for n, t in points.items()):
+            raise ValueError(f"StepCost needs points {{rows >= 1: seconds > 0}}, got {points}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1] (0 = never learn), got {weight}")
+        self.points = dict(points)
+        self.weight = weight
+        self._monotone()
+
+    @staticmethod
+    def nominal() -> StepCost:
+        """A fixed curve for one memory-bound sequence, in units of a plain step (no timing involved): each extra
+        row up to 8 costs 2 % of a step (a draft must earn that), beyond 8 rows cost grows in proportion."""
+        return StepCost({1: 1.0, 8: 1.14, 64: 8.0})
+
+    def estimate(self, rows: int) -> float:
+        ns = sorted(self.points)
+        if rows <= ns[0]:
+            return self.points[ns[0]]
+        if rows >= ns[-1]:
+            return self.points[ns[-1]] * rows / ns[-1]
+        i = bisect.bisect_left(ns, rows)
+        lo, hi = ns[i - 1], ns[i]
+        if hi == rows:
+            return self.points[hi]
+        frac = (rows - lo) / (hi - lo)
+        return self.points[lo] + frac * (self.points[hi] - self.points[lo])
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows >= 1 and seconds > 0 and self.weight > 0:
+            self.points[rows] = (1.0 - self.weight) * self.estimate(rows) + self.weight * seconds
+            self._monotone(rows)
+
+    def _monotone(self, anchor: int | None = None) -> None:
+        """Keep cost non-decreasing in rows (noise must not make a wider step look cheaper than a narrower one):
+        points around `anchor` yield to it, then a running maximum irons out what is left."""
+        if anchor is not None:
+            value = self.points[anchor]
+            for n in self.points:
+                if n < anchor and self.points[n] > value:
+                    self.points[n] = value
+                elif n > anchor and self.points[n] < value:
+                    self.points[n] = value
+        highest = 0.0
+        for n in sorted(self.points):
+            highest = self.points[n] = max(self.points[n], highest)
+
+
+def choose_draft_length(estimates: Sequence[AcceptanceEstimate], caps: Sequence[int], width: int, cost: StepCost,
+                        max_draft: int, fixed: Sequence[tuple[AcceptanceEstimate, int]] = ()) -> int:
+    """The draft length k in [0, max_draft] that maximises expected emitted tokens per second of the step.
+
+    estimates / caps: the adaptive sequences and the most each may draft now (its remaining tokens and budget).
+    width: batch rows the pass spans (including sequences that only carry padding this step).
+    fixed: sequences whose draft length is already decided (estimate, length); they widen the step regardless.
+    """
+    floor = max((k for _, k in fixed), default=0)  # the step is at least this wide anyway
+    fixed_gain = sum(e.expected_accepted(k) for e, k in fixed)
+    emitting = len(estimates) + len(fixed)  # every sequence emits its bonus token
+    best_k, best_rate = 0, -1.0
+    for k in range(max_draft + 1):
+        gain = fixed_gain + sum(e.expected_accepted(min(k, cap)) for e, cap in zip(estimates, caps))
+        rate = (emitting + gain) / cost.estimate(width * (1 + max(k, floor)))
+        if rate > best_rate * (1.0 + 1e-9):  # prefer the shorter draft on ties
+            best_k, best_rate = k, rate
+    return best_k
+
+
+def own_draft_length(estimate: AcceptanceEstimate, cap: int, max_draft: int) -> int:
+    """A draft length that depends only on the sequence's own history (reproducible under any batch)."""
+    return min(choose_draft_length([estimate], [cap], 1, StepCost.nominal(), max_draft), cap)

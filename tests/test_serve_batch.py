@@ -1,0 +1,240 @@
+"""The batched runner and the continuous-batching scheduler: each sequence's output is what it gets alone.
+
+Tiny random-weight models in float32 (Llama, Qwen2, Gemma 3 with sliding-window layers). Sequences of different
+prompt lengths, output lengths and drafters join and leave a running batch of three slots, their prompts prefilled in
+chunks of 7 tokens; each one's greedy tokens must equal offline plain decoding of that prompt alone.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from leapdecode import GenerationConfig, SamplingConfig, speculate
+from leapdecode.drafters.base import Draft
+from leapdecode.drafters.registry import make_drafter, names
+from leapdecode.models.hf import HFRunner
+from leapdecode.serve.batch_runner import BatchRunner
+from leapdecode.serve.scheduler import Overloaded, Scheduler, SchedulerConfig, Unavailable
+from leapdecode.serve.sequence import Delta, Failed, Finished, Sequence, TextAssembler, needs_reproducible_drafts
+from leapdecode.serve.speculation import StepCost
+from scripted_drafters import OracleDrafter, OracleTreeDrafter, RandomDrafter
+
+VOCAB = 64
+# frozen cost curves (weight 0: real step times do not move them), in units of a plain step
+FLAT = {1: 1.0, 1 << 20: 1.0}  # wider steps cost nothing: the scheduler drafts the most it may
+STEEP = {1: 1.0, 2: 50.0}  # any draft is ruinous: the scheduler decodes plainly
+
+
+def make_prompts(seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(VOCAB, (n,), generator=g).tolist() for n in (1, 3, 9, 17, 30, 41, 60, 25)]
+    return [p + p[:8] if i % 2 else p for i, p in enumerate(prompts)]  # repeats for the n-gram drafters
+
+
+def plain(model, prompt, new_tokens, seed=None, temperature=0.0) -> list[int]:
+    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True,
+                              sampling=SamplingConfig(temperature=temperature, seed=seed))
+    return [t for step in speculate(HFRunner(model.hf_model), prompt, None, config) for t in step]
+
+
+def run_all(scheduler: Scheduler, specs) -> list[Finished | Failed]:
+    """Submit (prompt, config, drafter) specs; return each sequence's final event, in order."""
+    events: queue.Queue = queue.Queue()
+    for i, (prompt, config, drafter) in enumerate(specs):
+        seq = Sequence(list(prompt), config, drafter, sink=lambda ev, i=i: events.put((i, ev)),
+                       text=TextAssembler(lambda t: " ".join(map(str, t)), config.stop),
+                       reproducible=needs_reproducible_drafts(config))
+        scheduler.submit(seq)
+    final: dict[int, Finished | Failed] = {}
+    while len(final) < len(specs):
+        i, ev = events.get(timeout=120)
+        if isinstance(ev, (Finished, Failed)):
+            final[i] = ev
+    return [final[i] for i in range(len(specs))]
+
+
+def test_batched_verification_matches_single_sequence_runner(tiny):
+    # three sequences of different lengths, one step each with a chain, a tree and an empty draft, then a release
+    # that moves the last row: every row's logits must equal the single-sequence HFRunner's on the same input
+    # (up to float32 rounding: the batched matmuls have other shapes; these logits are of order 10)
+    prompts = make_prompts()[2:5]
+    batch = BatchRunner(tiny.hf_model, max_batch=4, capacity=8)  # capacity 8 also exercises growth
+    singles = [HFRunner(tiny.hf_model) for _ in prompts]
+    slots = [batch.allocate() for _ in prompts]
+    for prompt, single, slot in zip(prompts, singles, slots):
+        single.prefill(prompt[:-1])
+        for i in range(0, len(prompt) - 1, 5):  # chunked prefill
+            batch.prefill(slot, prompt[:-1][i : i + 5])
+    drafts = [Draft.chain([1, 2, 3]), Draft.tree([4, 5, 6, 7], [-1, -1, 0, 1]), Draft.empty()]
+    paths = [[0, 1], [1, 3], []]  # a chain prefix, a non-prefix tree path (gathered), nothing
+    roots = [p[-1] for p in prompts]
+    for _ in range(2):
+        got = batch.verify(list(zip(slots, roots, drafts)))
+        for k in range(3):
+            want = singles[k].verify(roots[k], drafts[k])
+            torch.testing.assert_close(got[k], want, rtol=1e-4, atol=1e-4)
+            singles[k].commit(paths[k])
+            batch.commit(slots[k], paths[k])
+            roots[k] = 11
+    assert [s.length for s in slots] == [s.cache_len for s in singles]
+    batch.release(slots[0])  # slot 2 moves into row 0
+    assert slots[2].row == 0 and batch.free_slots == 2
+    got = batch.verify([(slots[1], 5, Draft.chain([9])), (slots[2], 6, Draft.empty())])
+    torch.testing.assert_close(got[0], singles[1].verify(5, Draft.chain([9])), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], singles[2].verify(6, Draft.empty()), rtol=1e-4, atol=1e-4)
+
+
+def registry_drafters(model):
+    """Every registry drafter (the draft model is the target itself: everything it drafts is accepted)."""
+    for name in names():
+        if name == "draft-model":
+            yield make_drafter(name, {"model": model, "num_draft_tokens": 4}, target=model)
+        else:
+            yield make_drafter(name, target=model)
+
+
+LENGTHS = [12, 30, 20, 26, 15, 30, 9, 24]  # new tokens per prompt: sequences leave the batch at different times
+_expected: dict[str, list[list[int]]] = {}
+
+
+def expected_outputs(model) -> list[list[int]]:
+    """Offline plain greedy decoding of each prompt alone (computed once per model)."""
+    if model.name not in _expected:
+        _expected[model.name] = [plain(model, p, n) for p, n in zip(make_prompts(), LENGTHS)]
+    return _expected[model.name]
+
+
+@pytest.mark.parametrize("cost", [FLAT, STEEP], ids=["speculate", "plain"])
+def test_every_sequence_matches_plain_decoding_alone(tiny, cost):
+    prompts, lengths = make_prompts(), LENGTHS
+    expected = expected_outputs(tiny)
+    drafters = list(registry_drafters(tiny))
+    scheduler = Scheduler(BatchRunner(tiny.hf_model, 3), SchedulerConfig(max_batch=3, prefill_chunk=7, max_draft=8),
+                          cost=StepCost(cost, weight=0.0))
+    scheduler.start()
+    try:
+        specs = []
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            drafter = drafters[i % len(drafters)] if i < len(drafters) else \
+                [RandomDrafter, OracleTreeDrafter][i % 2](p + expected[i], VOCAB)
+            specs.append((p, GenerationConfig(max_new_tokens=n, ignore_eos=True), drafter))
+        specs.append((prompts[5], GenerationConfig(max_new_tokens=lengths[5], ignore_eos=True),
+                      OracleDrafter(prompts[5] + expected[5], VOCAB, right=3)))
+        results = run_all(scheduler, specs)
+    finally:
+        assert scheduler.stop()
+    for i, result in enumerate(results):
+        assert isinstance(result, Finished), result
+        want = expected[i] if i < len(prompts) else expected[5]
+        assert result.tokens == want, f"sequence {i} ({specs[i][2].name})"
+        assert result.finish_reason == "length"
+    if cost is FLAT:  # the oracle right for 3 tokens was given room to draft: it had tokens accepted
+        assert results[-1].stats.accepted_tokens > 0
+    else:  # no draft node was verified (lookahead's unverified Jacobi window may still ride along)
+        assert all(r.stats.draft_tokens == 0 for r in results)
+
+
+def test_calibrated_scheduler_and_eos(tiny_models):
+    # the real cost model (calibrated at start), EOS stopping and a seeded sampling request with drafter none:
+    # sampling through the batch consumes the request's own generator exactly as offline plain sampling does
+    model = tiny_models["llama"]
+    prompt = make_prompts()[4]
+    greedy = plain(model, prompt, 30)
+    eos = greedy[10]  # the first occurrence of this token ends the greedy run
+    cut = greedy.index(eos)
+    sampled = plain(model, prompt, 30, seed=7, temperature=0.8)
+    scheduler = Scheduler(BatchRunner(model.hf_model, 2), SchedulerConfig(max_batch=2, calibration_rows=(1, 4, 16)))
+    scheduler.start()
+    try:
+        events: queue.Queue = queue.Queue()
+        sampling = GenerationConfig(max_new_tokens=30, ignore_eos=True, sampling=SamplingConfig(0.8, seed=7))
+        seqs = [Sequence(list(prompt), GenerationConfig(max_new_tokens=30), make_drafter("copy"),
+                         sink=lambda ev: events.put(("greedy", ev)), text=TextAssembler(str), eos_token_ids=(eos,)),
+                Sequence(list(prompt), sampling, make_drafter("none"), sink=lambda ev: events.put(("sampled", ev)),
+                         text=TextAssembler(str))]
+        for seq in seqs:
+            scheduler.submit(seq)
+        final = {}
+        while len(final) < 2:
+            key, ev = events.get(timeout=120)
+            if isinstance(ev, (Finished, Failed)):
+                final[key] = ev
+    finally:
+        scheduler.stop()
+    assert final["greedy"].tokens == greedy[:cut] and final["greedy"].finish_reason == "stop"
+    assert final["sampled"].tokens == sampled
+
+
+def test_seeded_sampling_is_reproducible_under_any_load(tiny_models):
+    # a seeded sampling request drafts by its own history only, so it returns the same tokens alone and in a
+    # crowded batch whose other members change the batch-wide draft length
+    model = tiny_models["gemma3"]
+    prompts = make_prompts()
+    config = GenerationConfig(max_new_tokens=30, ignore_eos=True, sampling=SamplingConfig(1.0, top_k=20, seed=11))
+
+    def run(with_crowd: bool) -> list[int]:
+        scheduler = Scheduler(BatchRunner(model.hf_model, 4), SchedulerConfig(max_batch=4, max_draft=8),
+                              cost=StepCost(FLAT, weight=0.0))
+        scheduler.start()
+        try:
+            specs = [(prompts[3], config, make_drafter("lookahead"))]
+            if with_crowd:
+                specs += [(p, GenerationConfig(max_new_tokens=20, ignore_eos=True), make_drafter("pld"))
+                          for p in prompts[4:7]]
+            return run_all(scheduler, specs)[0].tokens
+        finally:
+            scheduler.stop()
+
+    assert run(False) == run(True)
+
+
+def test_cancel_overload_and_stop(tiny_models):
+    model = tiny_models["qwen2"]
+    scheduler = Scheduler(BatchRunner(model.hf_model, 1), SchedulerConfig(max_batch=1, max_waiting=1),
+                          cost=StepCost(STEEP, weight=0.0))
+    with pytest.raises(Unavailable):  # not started yet
+        scheduler.submit(Sequence([1, 2], GenerationConfig(), make_drafter("none"), print, TextAssembler(str)))
+    scheduler.start()
+    events: queue.Queue = queue.Queue()
+    long = GenerationConfig(max_new_tokens=4000, ignore_eos=True)
+
+    def seq(name):
+        return Sequence([1, 2, 3], long, make_drafter("none"), lambda ev: events.put((name, ev)), TextAssembler(str))
+
+    running, waiting = seq("running"), seq("waiting")
+    scheduler.submit(running)
+    while True:  # wait until `running` holds the only slot (it has produced text)
+        name, ev = events.get(timeout=60)
+        if name == "running" and isinstance(ev, Delta):
+            break
+    scheduler.submit(waiting)  # queued: the one slot is taken
+    with pytest.raises(Overloaded):  # the queue (1) is full
+        scheduler.submit(seq("refused"))
+    scheduler.cancel(running)  # frees the slot at the next step; `waiting` gets it
+    ends = {}
+    while "running" not in ends:
+        name, ev = events.get(timeout=60)
+        if isinstance(ev, Finished):
+            ends[name] = ev
+    assert ends["running"].finish_reason == "cancelled" and len(ends["running"].tokens) < 4000
+    assert not scheduler.stop(drain=True, timeout=0.5)  # `waiting` cannot finish 4000 tokens in time: cancelled
+    while "waiting" not in ends:
+        name, ev = events.get(timeout=60)
+        if isinstance(ev, Finished):
+            ends[name] = ev
+    assert ends["waiting"].finish_reason == "cancelled"
+    assert scheduler.running_count == scheduler.waiting_count == 0 and scheduler.runner.free_slots == 1
+
+
+def test_text_assembler_holds_back_possible_stop_strings():
+    pieces = {1: "ab", 2: "c", 3: "XY", 4: "Zd"}
+    text = TextAssembler(lambda tokens: "".join(pieces[t] for t in tokens), stop=("XYZ",))
+    # "ab": the last 2 characters could start "XYZ", so they are held back
+    assert text.add([1]) == ""
+    assert text.add([2]) == "a"  # "abc": "bc" held
+    assert text.add([3]) == "bc"  # "abcXY": "XY" held (it may become XYZ)
+    assert text.add([4]) == "" and text.stopped  # "abcXYZd": stop found, the text ends before it
+    assert text.text == "abc" and text.flush() == ""

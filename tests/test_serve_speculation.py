@@ -1,0 +1,99 @@
+"""The server's draft-length policy: acceptance estimates, the step cost model and the choice of k."""
+
+from __future__ import annotations
+
+import pytest
+
+from leapdecode.serve.speculation import AcceptanceEstimate, StepCost, choose_draft_length, own_draft_length
+
+
+def estimate_with(rate: float) -> AcceptanceEstimate:
+    """An estimate whose evidence is overwhelming: its rate is `rate` to three decimals."""
+    return AcceptanceEstimate(tried=1e6, accepted=rate * 1e6)
+
+
+def test_estimate_counts_tried_positions():
+    e = AcceptanceEstimate(prior_rate=0.5, prior_weight=2.0, decay=1.0)
+    # a 4-long draft with 2 accepted: positions 1 and 2 accepted, position 3 tried and rejected -> 3 tried
+    e.observe(drafted_depth=4, accepted=2)
+    assert (e.tried, e.accepted) == (3.0, 2.0)
+    # (2 + 0.5 * 2) / (3 + 2) = 0.6
+    assert e.rate == pytest.approx(0.6)
+    # a fully accepted 3-long draft: 3 tried, 3 accepted, nothing rejected
+    e.observe(drafted_depth=3, accepted=3)
+    assert (e.tried, e.accepted) == (6.0, 5.0)
+
+
+def test_estimate_forgets_and_returns_to_the_prior():
+    e = AcceptanceEstimate(prior_rate=0.6, prior_weight=2.0, decay=0.5)
+    e.observe(drafted_depth=8, accepted=0)  # one rejection: rate (0 + 1.2) / (1 + 2) = 0.4
+    assert e.rate == pytest.approx(0.4)
+    for _ in range(40):  # steps without a draft only decay the evidence
+        e.observe(drafted_depth=0, accepted=0)
+    assert e.rate == pytest.approx(0.6, abs=1e-6)
+
+
+def test_expected_accepted_is_a_geometric_sum():
+    e = estimate_with(0.5)
+    # 0.5 + 0.25 + 0.125 = 0.875
+    assert e.expected_accepted(3) == pytest.approx(0.875, abs=1e-3)
+    assert e.expected_accepted(0) == 0.0
+
+
+def test_step_cost_interpolates_and_extrapolates():
+    cost = StepCost({1: 1.0, 9: 2.0})
+    assert cost.estimate(5) == pytest.approx(1.5)  # halfway between 1 and 9
+    assert cost.estimate(18) == pytest.approx(4.0)  # beyond the last point: proportional, 2.0 * 18 / 9
+    cost.observe(5, 2.5)  # weight 0.1: 0.9 * 1.5 + 0.1 * 2.5 = 1.6
+    assert cost.estimate(5) == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="rows >= 1"):
+        StepCost({0: 1.0})
+
+
+def test_flat_cost_drafts_as_far_as_allowed():
+    # when a wider step costs nothing more, any expected acceptance is a gain: draft the most allowed
+    flat = StepCost({1: 1.0, 10_000: 1.0})
+    assert choose_draft_length([estimate_with(0.3)], [32], 1, flat, max_draft=16) == 16
+    assert choose_draft_length([estimate_with(0.3)], [5], 1, flat, max_draft=16) == 5  # the cap binds
+
+
+def test_proportional_cost_never_speculates():
+    # cost proportional to rows: k draft tokens cost k rows each, and fewer than k are expected accepted on
+    # average, so speculation can only lose; the policy must fall back to plain decoding
+    linear = StepCost({1: 1.0})
+    assert choose_draft_length([estimate_with(0.95)] * 4, [32] * 4, 4, linear, max_draft=32) == 0
+
+
+def test_larger_batch_drafts_less():
+    # memory-bound up to 16 rows, then linear: one sequence can draft 15 for free, sixteen cannot draft any for free
+    cost = StepCost({1: 1.0, 16: 1.0, 1024: 64.0})
+    one = choose_draft_length([estimate_with(0.8)], [32], 1, cost, max_draft=32)
+    many = choose_draft_length([estimate_with(0.8)] * 16, [32] * 16, 16, cost, max_draft=32)
+    assert one >= 8 and many < one
+    bad = choose_draft_length([estimate_with(0.05)] * 16, [32] * 16, 16, cost, max_draft=32)
+    assert bad == 0  # poor acceptance under load: plain decoding
+
+
+def test_fixed_lengths_widen_the_step_for_free():
+    # a reproducible sequence already drafts 6, so the step has 7 rows anyway: the others may draft up to 6 free
+    cost = StepCost({1: 1.0, 14: 1.0, 1024: 73.0})
+    fixed = [(estimate_with(0.5), 6)]
+    assert choose_draft_length([estimate_with(0.5)], [32], 2, cost, max_draft=32, fixed=fixed) >= 6
+
+
+def test_own_draft_length_ignores_the_batch():
+    e = estimate_with(0.9)
+    assert own_draft_length(e, cap=32, max_draft=32) == own_draft_length(e, cap=32, max_draft=32) > 0
+    assert own_draft_length(e, cap=2, max_draft=32) == 2
+    assert own_draft_length(estimate_with(0.01), cap=32, max_draft=32) == 0
+
+
+def test_step_cost_stays_non_decreasing():
+    cost = StepCost({1: 1.0, 4: 2.0, 16: 4.0}, weight=1.0)  # weight 1: an observation replaces the estimate
+    cost.observe(4, 10.0)  # a slow step at 4 rows: a wider step cannot be cheaper than that
+    assert cost.points == {1: 1.0, 4: 10.0, 16: 10.0}
+    cost.observe(16, 0.5)  # a fast step at 16 rows: narrower steps cannot cost more than that
+    assert cost.points == {1: 0.5, 4: 0.5, 16: 0.5}
+    frozen = StepCost({1: 1.0, 8: 3.0}, weight=0.0)
+    frozen.observe(8, 100.0)
+    assert frozen.estimate(8) == 3.0
