@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -36,6 +36,9 @@ class TargetRunner(Protocol):
     def commit(self, path: Sequence[int]) -> None: ...
 
 
+RUNNER_KINDS = ("auto", "hf", "fast")
+
+
 @dataclass
 class Model:
     """A loaded target: the Hugging Face causal LM, its tokenizer and what the loop needs to know about them."""
@@ -44,6 +47,7 @@ class Model:
     tokenizer: Any  # transformers tokenizer with its chat template (if the model has one)
     name: str
     eos_token_ids: tuple[int, ...]
+    _fast_runner: Any = field(default=None, repr=False, compare=False)  # built on first runner("fast")
 
     @property
     def device(self) -> torch.device:
@@ -83,9 +87,26 @@ class Model:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def runner(self, kind: str = "hf") -> TargetRunner:
-        if kind == "hf":
-            from leapdecode.models.hf import HFRunner
+    def runner(self, kind: str = "auto") -> TargetRunner:
+        """A target runner for this model.
 
-            return HFRunner(self.hf_model)
-        raise ValueError(f"unknown runner {kind!r}; available: hf")
+        kind: "hf" (any causal LM, through transformers), "fast" (own forward, static KV cache and CUDA graphs, for
+        the Llama family and Gemma 3; models/fast), or "auto": fast for a supported architecture on CUDA, else hf.
+        The fast runner is built once per Model and reused (fusing weights and capturing graphs is worth keeping);
+        like any runner it serves one request at a time, so build FastRunner(model.hf_model) for a second stream.
+        """
+        if kind not in RUNNER_KINDS:
+            raise ValueError(f"unknown runner {kind!r}; available: {', '.join(RUNNER_KINDS)}")
+        if kind == "auto":
+            from leapdecode.models.fast import supported
+
+            kind = "fast" if self.device.type == "cuda" and supported(self.hf_model) else "hf"
+        if kind == "fast":
+            from leapdecode.models.fast import FastRunner
+
+            if self._fast_runner is None:
+                self._fast_runner = FastRunner(self.hf_model)  # ValueError naming the reason when unsupported
+            return self._fast_runner
+        from leapdecode.models.hf import HFRunner
+
+        return HFRunner(self.hf_model)

@@ -1,0 +1,130 @@
+"""The fast runner's forward pass: R rows (the root, the draft nodes, aux tokens, padding) against the static cache.
+
+Everything here is tensor code with shapes fixed by (R, length), so one call can be captured as a CUDA graph and
+replayed: the per-step inputs (ids, positions, the first slot, the tree mask) live in tensors, never in Python
+numbers, and nothing reads a value back to the host.
+
+Attention. Row r is written at slot start + r and sees
+- every committed slot < start (the prefix),
+- the slots of its tree ancestors and itself (tree[r, c] for slot start + c),
+- on sliding-window layers, only keys whose position is within the window (committed slot s holds position s; a
+  new slot's position is that row's position).
+The mask is one additive bias [R, length] per distinct window, built once per step and shared by all layers.
+Grouped-query attention without copying K/V: the `group` query heads that share a key/value head are folded into
+the query-row axis, so SDPA sees kv_heads heads of group * R query rows each ([1, kv, group * R, head_dim]) and the
+same K/V views; the mask is tiled group times. Scanning `length` slots (a bucket, not the whole cache) keeps the
+work proportional to the context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from leapdecode.models.fast.cache import StaticCache
+from leapdecode.models.fast.weights import LayerWeights, Spec, Weights
+
+
+def forward(spec: Spec, weights: Weights, cache: StaticCache, ids: torch.Tensor, positions: torch.Tensor,
+            start: torch.Tensor, tree: torch.Tensor, length: int, logits: bool = True) -> torch.Tensor | None:
+    """ids [R] long, positions [R] long, start [1] long (slot of row 0), tree [R, R] bool (row r sees new row c).
+
+    Writes the rows' keys and values at slots start .. start + R - 1 of every layer and returns the logits
+    [R, vocab] (None when `logits` is False: prefill needs only the cache). `length` >= start + R slots are scanned.
+    """
+    rows = ids.shape[0]
+    slots = start + torch.arange(rows, device=ids.device)  # [R]
+    x = F.embedding(ids, weights.embed)  # [R, hidden]
+    if spec.embed_scale:
+        x = x * weights.embed_scale
+    rotary = [rotary_factors(spec, table, positions) for table in weights.rope]
+    bias = {window: attention_bias(spec, positions, start, tree, length, window, x.dtype)
+            for window in sorted(set(spec.windows), key=lambda w: -1 if w is None else w)}
+    for i, layer in enumerate(weights.layers):
+        x = block(spec, layer, cache.layer(i), x, slots, rotary[spec.rope_of_layer[i]], bias[spec.windows[i]], length)
+    if not logits:
+        return None
+    out = F.linear(rms_norm(spec, x, weights.final_norm), weights.lm_head)  # [R, vocab]
+    if spec.final_softcap is not None:
+        out = torch.tanh(out / spec.final_softcap) * spec.final_softcap
+    return out
+
+
+def block(spec: Spec, layer: LayerWeights, kv_cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+          rotary: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor, length: int) -> torch.Tensor:
+    """One decoder layer on x [R, hidden]; kv_cache [capacity, 2, kv_heads, head_dim] is this layer's cache."""
+    rows, d, heads, kv_heads = x.shape[0], spec.head_dim, spec.n_heads, spec.n_kv_heads
+    qkv = F.linear(rms_norm(spec, x, layer.attn_norm), layer.qkv, layer.qkv_bias).view(rows, spec.qkv_heads, d)
+    if layer.qk_norm is not None:  # Gemma: RMS-normalise each q and k head in float32, v untouched
+        qk = F.rms_norm(qkv[:, : heads + kv_heads].float(), (d,), None, spec.eps) * layer.qk_norm
+        qkv = torch.cat([qk.to(x.dtype), qkv[:, heads + kv_heads:]], dim=1)  # [R, qkv_heads, d]
+    cos, sin = rotary  # [R, qkv_heads, d]; the v heads get cos 1, sin 0 and pass through unchanged
+    swapped = qkv.view(rows, spec.qkv_heads, 2, d // 2).flip(2).view(rows, spec.qkv_heads, d)  # halves swapped
+    qkv = torch.addcmul(qkv * cos, swapped, sin)  # rotate q and k: x * cos + rotate_half(x) * sin
+    kv_cache.index_copy_(0, slots, qkv[:, heads:].view(rows, 2, kv_heads, d))  # k and v of every row, one write
+    keys = kv_cache[:length, 0].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, length, d] (strided view)
+    values = kv_cache[:length, 1].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, length, d]
+    group = spec.group
+    q = qkv[:, :heads].reshape(rows, kv_heads, group, d).permute(1, 2, 0, 3).reshape(1, kv_heads, group * rows, d)
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=spec.attn_scale)
+    attn = attn.reshape(kv_heads, group, rows, d).permute(2, 0, 1, 3).reshape(rows, heads * d)  # [R, heads * d]
+    if spec.family == "gemma3":  # sandwich norms: normalise the sublayer output before the residual add
+        x = x + rms_norm(spec, F.linear(attn, layer.o), layer.post_attn_norm)
+    else:
+        x = _residual_linear(x, attn, layer.o, layer.o_bias)
+    gate, up = F.linear(rms_norm(spec, x, layer.mlp_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+    hidden = _activation(spec.activation, gate) * up  # [R, intermediate]
+    if spec.family == "gemma3":
+        return x + rms_norm(spec, F.linear(hidden, layer.down), layer.post_mlp_norm)
+    return _residual_linear(x, hidden, layer.down, layer.down_bias)
+
+
+def rms_norm(spec: Spec, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Llama: weight * normalised x (fused kernel). Gemma: float32 normalisation times (1 + w), cast back."""
+    if spec.family == "gemma3":
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, spec.eps).to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), weight, spec.eps)
+
+
+def rotary_factors(spec: Spec, table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin for every head of the fused q/k/v output: [R, qkv_heads, d] each (v heads: 1 and 0)."""
+    rows, d = positions.shape[0], spec.head_dim
+    factors = table.index_select(0, positions)  # [R, 2, d]
+    rotated = spec.n_heads + spec.n_kv_heads
+    cos = torch.cat([factors[:, 0:1].expand(rows, rotated, d),
+                     torch.ones(1, 1, d, dtype=table.dtype, device=table.device).expand(rows, spec.n_kv_heads, d)], 1)
+    sin = torch.cat([factors[:, 1:2].expand(rows, rotated, d),
+                     torch.zeros(1, 1, d, dtype=table.dtype, device=table.device).expand(rows, spec.n_kv_heads, d)],
+                    1)
+    return cos, sin
+
+
+def attention_bias(spec: Spec, positions: torch.Tensor, start: torch.Tensor, tree: torch.Tensor, length: int,
+                   window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, group * R, length]: 0 where row r may attend to slot s, -inf elsewhere."""
+    rows = positions.shape[0]
+    keys = torch.arange(length, device=positions.device)  # [length] slot index
+    column = keys - start  # [length] new-row index of each slot (valid in [0, R))
+    new = (column >= 0) & (column < rows)
+    column = column.clamp(0, rows - 1)
+    seen = (tree.index_select(1, column) & new) | (keys < start)  # [R, length] tree part | committed prefix
+    if window is not None:  # committed slot s holds position s; a new slot holds its row's position
+        key_positions = torch.where(new, positions.index_select(0, column), keys)  # [length]
+        seen = seen & (positions[:, None] - key_positions[None, :] < window)
+    bias = torch.zeros(rows, length, dtype=dtype, device=positions.device).masked_fill_(~seen, float("-inf"))
+    return bias.repeat(spec.group, 1)[None, None]  # rows ordered (group member, row) like the folded queries
+
+
+def _residual_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + a @ weight.T (+ bias): one GEMM with the residual as its accumulator when there is no bias."""
+    if bias is None:
+        return torch.addmm(x, a, weight.t())
+    return x + F.linear(a, weight, bias)
+
+
+def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name in ("silu", "swish"):
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    return F.gelu(x, approximate="tanh")  # gelu_pytorch_tanh, gelu_python_tanh, gelu_new, gelu_fast
