@@ -121,7 +121,7 @@ def _register_subcommands() -> None:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if not exc.name or not module.startswith(exc.name):  # a missing dependency, not a missing part
                 raise
             continue
         mod.register(app)
