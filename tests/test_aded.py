@@ -346,3 +346,22 @@ def test_leapdecode_command_has_build_trigrams():
                              "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--corpus" in result.stdout and "--top-k" in result.stdout
+
+
+@pytest.mark.real
+def test_real_model_output_is_plain_greedy(smollm2):
+    # lossless on the real model: the same tokens as plain decoding; the summary reuses the text's phrases, which
+    # the prompt's tri-grams put in the table, so drafts are accepted (MAT above plain's 1.00)
+    runner = HFRunner(smollm2.hf_model)
+    config = GenerationConfig(max_new_tokens=40)
+    drafter = ADED()
+    prompts = ["Summarize in one sentence: The city council met on Tuesday to discuss the new park. The park will "
+               "have a playground, a pond and a small library, and it will open next spring.",
+               "Write a Python function that returns the n-th Fibonacci number."]
+    for text in prompts:
+        prompt = smollm2.encode(text)
+        plain = [t for step in speculate(runner, prompt, None, config, smollm2.eos_token_ids) for t in step]
+        stats = Stats()
+        out = [t for step in speculate(runner, prompt, drafter, config, smollm2.eos_token_ids, stats) for t in step]
+        assert out == plain
+        assert stats.mat > 1.0

@@ -26,7 +26,7 @@ from stats_util import empirical_law, marginal, tv_bound, tv_distance
 
 VOCAB = 12
 LENGTH = 3  # compared tokens per run
-RUNS = 800
+RUNS = {"t1": 800, "topk_topp": 400}  # runs per sampling config (~15 ms each on one core)
 PROMPT = [3]
 CONFIGS = {"t1": SamplingConfig(temperature=1.0), "topk_topp": SamplingConfig(temperature=1.2, top_k=5, top_p=0.9)}
 MARGINALS = [(0,), (1,), (2,), (0, 1), (0, 1, 2)]
@@ -59,8 +59,8 @@ def exact_law(hf_model, sampling: SamplingConfig) -> np.ndarray:
     return (p1[:, None, None] * p2[:, :, None] * p3).reshape(-1).numpy()
 
 
-def aded_samples(target, sampling: SamplingConfig, seed0: int) -> tuple[np.ndarray, float, list[int]]:
-    """RUNS samples [RUNS, 3], the MAT over all runs, and each run's first drafted token (-1 if none)."""
+def aded_samples(target, sampling: SamplingConfig, seed0: int, runs: int) -> tuple[np.ndarray, float, list[int]]:
+    """`runs` samples [runs, 3], the MAT over all runs, and each run's first drafted token (-1 if none)."""
     runner = HFRunner(target.hf_model)
     drafter = ADED(seed=5)
     first_drafted: list[int] = []
@@ -73,9 +73,9 @@ def aded_samples(target, sampling: SamplingConfig, seed0: int) -> tuple[np.ndarr
         return draft
 
     drafter.propose = recording_propose
-    out = np.empty((RUNS, LENGTH), dtype=np.int64)
+    out = np.empty((runs, LENGTH), dtype=np.int64)
     steps = emitted = 0
-    for run in range(RUNS):
+    for run in range(runs):
         # 5 new tokens so that the first step may verify a 4-node tree; the first 3 are compared
         config = GenerationConfig(max_new_tokens=5, ignore_eos=True,
                                   sampling=dataclasses.replace(sampling, seed=seed0 + run))
@@ -91,16 +91,17 @@ def aded_samples(target, sampling: SamplingConfig, seed0: int) -> tuple[np.ndarr
 def test_aded_samples_follow_the_exact_law(target, config_name):
     exact = exact_law(target.hf_model, CONFIGS[config_name])
     assert abs(exact.sum() - 1.0) < 1e-6 and (exact > 0.01).sum() >= 10  # a spread law: real choices to get wrong
-    samples, mat, first_drafted = aded_samples(target, CONFIGS[config_name], seed0=10_000 * len(config_name))
+    runs = RUNS[config_name]
+    samples, mat, first_drafted = aded_samples(target, CONFIGS[config_name], 10_000 * len(config_name), runs)
     # drafts are accepted often (speculation is under test, not plain sampling); 5 tokens take >= 2 steps
     assert mat > 1.4, mat
     empirical = empirical_law(samples, VOCAB)
     for keep in MARGINALS:
         emp, ex = (marginal(law, VOCAB, LENGTH, keep) for law in (empirical, exact))
-        assert tv_distance(emp, ex) <= tv_bound(ex, RUNS), (keep, tv_distance(emp, ex), tv_bound(ex, RUNS))
+        assert tv_distance(emp, ex) <= tv_bound(ex, runs), (keep, tv_distance(emp, ex), tv_bound(ex, runs))
     # sensitivity: emitting the drafter's own first guess instead of verifying it would miss the first-token law
     # by more than twice the bound, so a loop that trusted the drafts would fail the check above
     guesses = np.bincount([t for t in first_drafted if t >= 0], minlength=VOCAB) / max(1, sum(t >= 0 for t in
                                                                                              first_drafted))
     first = marginal(exact, VOCAB, LENGTH, (0,))
-    assert tv_distance(guesses, first) > 2 * tv_bound(first, RUNS)
+    assert tv_distance(guesses, first) > 2 * tv_bound(first, runs)

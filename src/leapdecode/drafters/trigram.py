@@ -15,13 +15,14 @@ shrinks the older successors in proportion (exponential forgetting), which is ho
 being written. Because a row's total never exceeds `cap`, weights fit in float16.
 
 Storage is a fixed-layout open-addressing hash table in numpy, not a dict of dicts, so memory is known and small:
-per slot an int64 key, `top_k` int32 successors and `top_k` float16 weights (56 bytes at top_k = 8). The table
-starts at 4096 slots and doubles while more than half full, up to `max_slots` (default 2**20 = 1,048,576 contexts,
-56 MiB at top_k = 8 whatever the vocabulary, as long as token ids stay below 2**21). Once at `max_slots`, a new
+per slot an int64 key, `top_k` int32 successors and `top_k` float16 weights, 8 + 6 * top_k bytes (56 at the default
+top_k = 8). The table starts at 4096 slots and doubles while more than half full, up to `max_slots` (default
+2**20 = 1,048,576 contexts: 56 MiB at top_k = 8 whatever the vocabulary, as long as token ids stay below 2**21; a
+50k-token vocabulary's realistic tables, hundreds of thousands of pairs, fit under this cap). Once at `max_slots`, a new
 context that finds no free slot within its 32-slot probe window replaces the lightest row of that window, so the
 table keeps learning at a bounded size and forgets the contexts with the least evidence first.
 
-Lookups and single updates run in plain Python over numpy rows (about a microsecond each); building from a corpus
+Lookups and single updates run in plain Python over numpy rows (a few microseconds each); building from a corpus
 and growing are vectorised.
 """
 
