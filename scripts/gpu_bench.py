@@ -269,7 +269,8 @@ def step_latency(model, context: int, reps: int) -> None:
         floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
         RESULTS["step_latency"]["bandwidth_floor_ms"] = floor_ms
         log(f"  weights read per step {weight_bytes / 1e6:.0f} MB; at {bandwidth} GB/s the floor is {floor_ms:.3f} ms; "
-            f"a 1-token graph step takes {fast[1]['gpu_ms']:.3f} ms on the GPU ({ratio(fast[1]['gpu_ms'], floor_ms):.1f}x)")
+            f"a 1-token graph step takes {fast[1]['gpu_ms']:.3f} ms on the GPU "
+            f"({ratio(fast[1]['gpu_ms'], floor_ms):.1f}x)")
     kernel_profile(runners["fast-eager"], prompt)
 
 
@@ -379,7 +380,8 @@ def generation(model, prompts, hf_subset, new_tokens: int, drafters: list[str], 
                       "mat": tokens / steps if steps else None, "drafter_s": drafter_s, "target_s": target_s,
                       "gpu_s": gpu_s, "prefill_s": prefill_s, "exact": exact, "diverged": diverged}
         extra = f" MAT {tokens / steps:.2f}" if steps else ""
-        log(f"  {name:22s} {n_prompts:4d} prompts {tokens:6d} tokens {seconds:7.2f} s {ratio(tokens, seconds):8.1f} tok/s"
+        log(f"  {name:22s} {n_prompts:4d} prompts {tokens:6d} tokens {seconds:7.2f} s "
+            f"{ratio(tokens, seconds):8.1f} tok/s"
             f"{extra}" + (f"  exact {exact}" if exact else ""))
 
     # transformers generate, greedy (subset): warm up once, then time

@@ -2,10 +2,10 @@
 
 A step's Python and kernel launches (hundreds of small kernels for a 30-layer model) cost far more than its
 arithmetic on a small model. Captured once, a step is one graph launch. Shapes must be static, so a step of r rows
-is padded to a bucket R (powers of two up to 16, then multiples of 16; padding rows see only themselves and write slots past the real ones, which
-are overwritten later), and attention scans a bucketed number of slots. Per-step inputs travel in static device
-buffers, filled from pinned host staging with asynchronous copies: no step synchronises with the host; the
-runner's caller does, once, when it reads the accepted length.
+is padded to a bucket R (powers of two up to 16, then multiples of 16; padding rows see only themselves and write
+slots past the real ones, which are overwritten later), and attention scans a bucketed number of slots. Per-step
+inputs travel in static device buffers, filled from pinned host staging with asynchronous copies: no step
+synchronises with the host; the runner's caller does, once, when it reads the accepted length.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class Spec:
     eps: float  # RMSNorm epsilon
     attn_scale: float  # multiplies q.k
     activation: str  # MLP gate activation, one of ACTIVATIONS
-    windows: tuple[int | None, ...]  # [n_layers] sliding window (a key is seen while q_pos - k_pos < window), None = all
+    windows: tuple[int | None, ...]  # [n_layers] a key is seen while q_pos - k_pos < window; None = every key
     rope_of_layer: tuple[int, ...]  # [n_layers] index into Weights.rope
     embed_scale: bool  # multiply embeddings by Weights.embed_scale (Gemma)
     final_softcap: float | None  # logits = cap * tanh(logits / cap) (Gemma 2 style), None = off
