@@ -3,6 +3,18 @@
     PYTHONPATH=src python scripts/gpu_bench.py --model /tmp/leap/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT
     PYTHONPATH=src python scripts/gpu_bench.py --smoke --out $OUT     # random weights, no model file needed
 
+On this project's GPU machines (no registry, uploads of at most 64 MiB, /tmp kept only while the machine is warm),
+the full run takes three steps and about 11 minutes of device time; run the two device calls back to back:
+
+    here:   PYTHON=.venv/bin/python ../shared/tools/device-model smollm2      # -> .device-model/part1, part2
+            mkdir -p .gpu_data && cp ../shared/data/spec_bench/question.jsonl .gpu_data/   # git-excluded folder
+    run 1 (carry .device-model/part1):  mkdir -p /tmp/leap && cp .device-model/part1/* /tmp/leap/
+    run 2 (carry .device-model/part2 and .gpu_data):
+            cp .device-model/part2/* /tmp/leap/ && bash /tmp/leap/assemble.sh &&
+            export PYTHONPATH=/tmp/site:$PWD/src LEAPDECODE_CACHE=/tmp/leapcache PYTHONUNBUFFERED=1 &&
+            python3 scripts/gpu_bench.py --model /tmp/leap/SmolLM2-135M-Instruct.Q4_1.gguf \
+                --questions .gpu_data/question.jsonl --skip tiny --deadline 500 --out $OUT
+
 Sections (each guarded: a failure is logged and the rest still runs; everything also goes to OUT/gpu_bench.log and
 OUT/results.json):
 1. environment: GPU, torch, measured device-to-device copy bandwidth (the memory-bandwidth floor of a step);
