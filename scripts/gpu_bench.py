@@ -12,8 +12,8 @@ the full run takes three steps and about 11 minutes of device time; run the two 
     run 2 (carry .device-model/part2 and .gpu_data):
             cp .device-model/part2/* /tmp/leap/ && bash /tmp/leap/assemble.sh &&
             export PYTHONPATH=/tmp/site:$PWD/src LEAPDECODE_CACHE=/tmp/leapcache PYTHONUNBUFFERED=1 &&
-            python3 scripts/gpu_bench.py --model /tmp/leap/SmolLM2-135M-Instruct.Q4_1.gguf \
-                --questions .gpu_data/question.jsonl --skip tiny --deadline 500 --out $OUT
+            python3 scripts/gpu_bench.py --model /tmp/leap/SmolLM2-135M-Instruct.Q4_1.gguf
+                --questions .gpu_data/question.jsonl --skip tiny --deadline 500 --out $OUT    (one line)
 
 Sections (each guarded: a failure is logged and the rest still runs; everything also goes to OUT/gpu_bench.log and
 OUT/results.json):
