@@ -8,7 +8,8 @@ run_bench's method list, must be flagged by the exactness check and shown as NOT
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import typer
@@ -254,8 +255,10 @@ def test_report_reproduces_the_table_from_raw_json(tiny_run):
     summary_written = (out / "summary.json").read_text()
     (out / "table.md").unlink()
     (out / "summary.json").unlink()
-    result = CliRunner().invoke(cli_app(), ["bench", "report", str(out), "--no-plots"])
-    assert result.exit_code == 0, result.output
+    # through the real entry point, which registers the bench group
+    result = subprocess.run([sys.executable, "-m", "leapdecode.cli", "bench", "report", str(out), "--no-plots"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
     # rebuilt from raw.jsonl + meta.json only: byte for byte what the run wrote from its rows in memory
     assert (out / "table.md").read_text() == written
     assert (out / "summary.json").read_text() == summary_written
@@ -294,9 +297,11 @@ def test_cli_end_to_end_on_a_model_directory(tiny_chat, tmp_path):
     out = tmp_path / "run"
     args = ["bench", "--model", str(model_dir), "--suite", "builtin", "--categories", "math,chat", "--limit", "1",
             "--turns", "first", "-n", "6", "--drafters", "pld,hf-greedy", "--option", "pld.max_ngram=2",
-            "--out", str(out), "--no-progress", "--no-plots"]
+            "--out", str(out), "--no-plots"]
     result = CliRunner().invoke(cli_app(), args)
     assert result.exit_code == 0, result.output
+    # not a terminal: progress comes as log lines, the first at the start and the last when all are done
+    assert "bench 0/6 generations" in result.output and "bench 6/6 generations" in result.output
     meta = json.loads((out / "meta.json").read_text())
     assert meta["methods"] == [{"name": "none", "kind": "leapdecode", "options": {}},
                                {"name": "pld", "kind": "leapdecode", "options": {"max_ngram": "2"}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -145,11 +146,16 @@ def _report(out_dir, rows, meta, plots, write_report):
 
 
 def _run_with_progress(target, chosen, methods, config, out_dir, show, run_bench, total):
+    """A live bar with ETA on a terminal; in a log file (not a terminal, where a live bar shows nothing until the
+    end) a plain line at the start, then at most every LOG_EVERY seconds, and at the end."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
+    raw = out_dir / "raw.jsonl"
     if not show:
-        return run_bench(target, chosen, methods, config, raw_path=out_dir / "raw.jsonl")
+        return run_bench(target, chosen, methods, config, raw_path=raw)
+    if not err.is_terminal:
+        return run_bench(target, chosen, methods, config, raw_path=raw, progress=LogProgress(err.print))
     columns = (TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"))
     with Progress(*columns, console=err, transient=False) as bar:
@@ -158,4 +164,29 @@ def _run_with_progress(target, chosen, methods, config, out_dir, show, run_bench
         def update(done: int, _total: int, what: str) -> None:
             bar.update(task, completed=done, description=what)
 
-        return run_bench(target, chosen, methods, config, raw_path=out_dir / "raw.jsonl", progress=update)
+        return run_bench(target, chosen, methods, config, raw_path=raw, progress=update)
+
+
+class LogProgress:
+    """Progress as log lines: 'bench 12/540 generations · 3m05s elapsed · eta 2h15m · rag 405 · copy'."""
+
+    LOG_EVERY = 30.0  # seconds between lines
+
+    def __init__(self, write) -> None:
+        self.write, self.start, self.last = write, time.perf_counter(), None
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        now = time.perf_counter()
+        if self.last is not None and now - self.last < self.LOG_EVERY and done < total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = _duration(elapsed / done * (total - done)) if done else "?"
+        self.write(f"bench {done}/{total} generations · {_duration(elapsed)} elapsed · eta {eta} · {what}",
+                   highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
