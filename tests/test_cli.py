@@ -54,6 +54,7 @@ def test_drafters_lists_every_drafter_with_options():
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--model", "no-such-model"], "no-such-model"),
+    (["--runner", "bogus"], "unknown runner 'bogus'"),
 ])
 def test_bad_options_get_a_clear_error_not_a_traceback(args, message):
     # in-process (typer's runner) to keep CI fast; the subprocess tests above cover the real entry point

@@ -39,6 +39,8 @@ def generate(
     compare: bool = typer.Option(False, "--compare", help="Also run plain decoding; print speed-up and identity."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    runner_kind: str = typer.Option("auto", "--runner", help="hf (any model), fast (own forward, CUDA graphs) or "
+                                    "auto (fast for supported models on CUDA, else hf)."),
     show_stats: bool = typer.Option(True, "--stats/--no-stats", help="Print decoding statistics to stderr."),
 ) -> None:
     """Generate text with a drafter; greedy output is identical to plain decoding."""
@@ -54,13 +56,16 @@ def generate(
                                   sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
         options = parse_options(option)
         check_options(drafter, options)  # fail fast, before the model loads
+        if runner_kind not in ("auto", "hf", "fast"):
+            raise ValueError(f"unknown runner {runner_kind!r}; available: auto, hf, fast")
         with err.status(f"loading {model} ..."):
             target = load_model(model, device=device, dtype=dtype)
             spec = make_drafter(drafter, options, target=target, device=device, dtype=dtype)
         ids = target.encode(prompt, chat=chat)
+        runner = target.runner(runner_kind)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         fail(str(exc))
-    text_stream = stream(target, ids, spec, config)
+    text_stream = stream(target, ids, spec, config, runner=runner)
     for piece in text_stream:
         if stream_output:
             sys.stdout.write(piece)
@@ -72,7 +77,7 @@ def generate(
                   f"{stats.tokens_per_second:.1f} tok/s, drafter {stats.drafter_seconds * 1e3:.0f} ms, "
                   f"target {stats.target_seconds * 1e3:.0f} ms, stop: {stats.stop_reason}[/]")
     if compare:
-        plain = stream(target, ids, None, config)
+        plain = stream(target, ids, None, config, runner=runner)
         for _ in plain:
             pass
         same = plain.tokens == text_stream.tokens
