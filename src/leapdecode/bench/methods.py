@@ -106,7 +106,8 @@ def build_method(spec: MethodSpec, model: Model, runner: TargetRunner, *, assist
         if assistant is None:
             raise ValueError("drafter 'draft-model' needs a draft model: pass --assistant MODEL")
         options["model"] = assistant
-    drafter = make_drafter(spec.name, options, target=model, device=str(model.device), dtype=str(model.dtype))
+    drafter = make_drafter(spec.name, options, target=model, device=str(model.device),
+                           dtype=str(model.dtype).removeprefix("torch."))
     return LeapdecodeMethod(spec.name, drafter, runner, model.eos_token_ids, dict(spec.options), budget)
 
 
