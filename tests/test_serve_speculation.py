@@ -7,30 +7,35 @@ import pytest
 from leapdecode.serve.speculation import AcceptanceEstimate, StepCost, choose_draft_length, own_draft_length
 
 
-def estimate_with(rate: float) -> AcceptanceEstimate:
-    """An estimate whose evidence is overwhelming: its rate is `rate` to three decimals."""
-    return AcceptanceEstimate(tried=1e6, accepted=rate * 1e6)
+def estimate_with(rate: float, proposal: float = 1.0) -> AcceptanceEstimate:
+    """An estimate whose evidence is overwhelming: its rates are `rate` and `proposal` to five decimals."""
+    return AcceptanceEstimate(tried=1e6, accepted=rate * 1e6, offered=1e6, proposed=proposal * 1e6)
 
 
 def test_estimate_counts_tried_positions():
-    e = AcceptanceEstimate(prior_rate=0.5, prior_weight=2.0, decay=1.0)
+    e = AcceptanceEstimate(prior_rate=0.5, prior_proposal=0.5, prior_weight=2.0, decay=1.0)
     # a 4-long draft with 2 accepted: positions 1 and 2 accepted, position 3 tried and rejected -> 3 tried
-    e.observe(drafted_depth=4, accepted=2)
+    e.observe(offered=8, drafted_depth=4, accepted=2)
     assert (e.tried, e.accepted) == (3.0, 2.0)
     # (2 + 0.5 * 2) / (3 + 2) = 0.6
     assert e.rate == pytest.approx(0.6)
     # a fully accepted 3-long draft: 3 tried, 3 accepted, nothing rejected
-    e.observe(drafted_depth=3, accepted=3)
+    e.observe(offered=8, drafted_depth=3, accepted=3)
     assert (e.tried, e.accepted) == (6.0, 5.0)
+    # offered twice, proposed twice; then offered once with no proposal: (2 + 0.5 * 2) / (3 + 2) = 0.6
+    e.observe(offered=8, drafted_depth=0, accepted=0)
+    assert (e.offered, e.proposed) == (3.0, 2.0) and e.proposal_rate == pytest.approx(0.6)
+    e.observe(offered=0, drafted_depth=0, accepted=0)  # nothing offered: no evidence about proposing
+    assert e.offered == 3.0
 
 
 def test_estimate_forgets_and_returns_to_the_prior():
     e = AcceptanceEstimate(prior_rate=0.6, prior_weight=2.0, decay=0.5)
-    e.observe(drafted_depth=8, accepted=0)  # one rejection: rate (0 + 1.2) / (1 + 2) = 0.4
+    e.observe(offered=8, drafted_depth=8, accepted=0)  # one rejection: rate (0 + 1.2) / (1 + 2) = 0.4
     assert e.rate == pytest.approx(0.4)
-    for _ in range(40):  # steps without a draft only decay the evidence
-        e.observe(drafted_depth=0, accepted=0)
-    assert e.rate == pytest.approx(0.6, abs=1e-6)
+    for _ in range(40):  # steps offered nothing only decay the evidence
+        e.observe(offered=0, drafted_depth=0, accepted=0)
+    assert e.rate == pytest.approx(0.6, abs=1e-6) and e.proposal_rate == pytest.approx(0.5, abs=1e-6)
 
 
 def test_expected_accepted_is_a_geometric_sum():
@@ -38,6 +43,8 @@ def test_expected_accepted_is_a_geometric_sum():
     # 0.5 + 0.25 + 0.125 = 0.875
     assert e.expected_accepted(3) == pytest.approx(0.875, abs=1e-3)
     assert e.expected_accepted(0) == 0.0
+    # a drafter that proposes on a quarter of the steps yields a quarter of that
+    assert estimate_with(0.5, proposal=0.25).expected_accepted(3) == pytest.approx(0.875 / 4, abs=1e-3)
 
 
 def test_step_cost_interpolates_and_extrapolates():
@@ -72,6 +79,8 @@ def test_larger_batch_drafts_less():
     assert one >= 8 and many < one
     bad = choose_draft_length([estimate_with(0.05)] * 16, [32] * 16, 16, cost, max_draft=32)
     assert bad == 0  # poor acceptance under load: plain decoding
+    silent = choose_draft_length([estimate_with(0.8, proposal=0.02)] * 16, [32] * 16, 16, cost, max_draft=32)
+    assert silent == 0  # drafters that almost never propose: widening the step would not pay
 
 
 def test_fixed_lengths_widen_the_step_for_free():

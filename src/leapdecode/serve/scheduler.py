@@ -101,9 +101,10 @@ class Scheduler:
         with self._cond:
             if not self._accepting:
                 raise Unavailable("the server is not accepting requests (shutting down)")
-            if len(self._waiting) >= self.config.max_waiting:
+            # count the running ones too: submissions wait briefly in the queue even when slots are free
+            if len(self._waiting) + len(self._running) >= self.config.max_batch + self.config.max_waiting:
                 raise Overloaded(f"{len(self._running)} requests running and {len(self._waiting)} waiting "
-                                 f"(limit {self.config.max_waiting}); retry later")
+                                 f"(limits {self.config.max_batch} and {self.config.max_waiting}); retry later")
             self._waiting.append(seq)
             self._cond.notify_all()
 
@@ -232,8 +233,9 @@ class Scheduler:
         self.last_draft_length = k
         # 2. guess
         entries: list[tuple[Sequence, Draft]] = []
+        budgets = {}
         for seq, cap in zip(batch, caps):
-            budget = own[seq.id] if seq.reproducible else min(k, cap)
+            budget = budgets[seq.id] = own[seq.id] if seq.reproducible else min(k, cap)
             t0 = time.perf_counter()
             try:
                 draft = seq.drafter.propose(seq.context, budget)
@@ -277,7 +279,7 @@ class Scheduler:
             seq.stats.record_step(depth, draft.n, len(acceptance.path))
             seq.stats.target_seconds += seconds
             seq.stats.drafter_seconds += time.perf_counter() - t2
-            seq.estimate.observe(depth, len(acceptance.path))
+            seq.estimate.observe(budgets[seq.id], depth, len(acceptance.path))
             before = seq.stats.new_tokens
             finished = seq.emit(emitted)
             if self.metrics is not None:

@@ -5,11 +5,11 @@ memory-bound: verifying 8 rows costs little more than verifying 1, so drafting i
 already compute-bound: every extra row of every sequence costs time. So the choice depends on the batch, and on how
 well each sequence's drafter has been doing.
 
-- `AcceptanceEstimate` (one per sequence) tracks how often a drafted position is accepted, as decayed counts with a
-  prior, so it follows a sequence's recent behaviour. Under a geometric model with per-position rate a, a chain of
-  length k yields a + a^2 + ... + a^k accepted tokens on average. The counts also decay on steps without a draft, so
-  a sequence that stopped drafting drifts back to the prior and is probed again later: a bad estimate cannot lock
-  speculation off for good.
+- `AcceptanceEstimate` (one per sequence) tracks how often its drafter proposes when offered a budget (p) and how
+  often a drafted position is accepted (a), as decayed counts with priors, so it follows the sequence's recent
+  behaviour. Under a geometric model, offering k yields p (a + a^2 + ... + a^k) accepted tokens on average. The
+  counts also decay on steps offered nothing, so a sequence that stopped drafting drifts back to the priors and is
+  probed again later: a bad estimate cannot lock speculation off for good.
 - `StepCost` maps the rows of a step (batch width x rows per sequence, padding included) to seconds, calibrated at
   start-up and refined by every step the scheduler runs.
 - `choose_draft_length` picks the common draft length k that maximises expected emitted tokens per second for the
@@ -28,17 +28,27 @@ from dataclasses import dataclass
 
 @dataclass
 class AcceptanceEstimate:
-    """Decayed counts of drafted positions tried and accepted, with a prior (per sequence)."""
+    """Decayed counts, with priors, of how a sequence's drafter has been doing (one per sequence).
 
-    prior_rate: float = 0.6  # acceptance rate assumed before any evidence
-    prior_weight: float = 2.0  # how many tried positions the prior is worth
+    Two rates: how often the drafter proposes anything when offered a budget (an n-gram drafter finds no match on
+    fresh text), and how often a drafted position is accepted given its parent was. Both matter because a batch step
+    is padded to its widest draft: a sequence whose drafter rarely proposes adds little but can still widen the step.
+    """
+
+    prior_rate: float = 0.6  # acceptance rate per position assumed before any evidence
+    prior_proposal: float = 0.5  # share of offered steps with a draft, assumed before any evidence
+    prior_weight: float = 2.0  # how many observations each prior is worth
     decay: float = 0.9  # per step: evidence older than ~10 steps fades
-    tried: float = 0.0
+    tried: float = 0.0  # drafted positions tried (accepted + the rejected one)
     accepted: float = 0.0
+    offered: float = 0.0  # steps with a budget > 0
+    proposed: float = 0.0  # of those, steps with a draft
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prior_rate < 1.0:
             raise ValueError(f"prior_rate must be in [0, 1), got {self.prior_rate}")
+        if not 0.0 <= self.prior_proposal <= 1.0:
+            raise ValueError(f"prior_proposal must be in [0, 1], got {self.prior_proposal}")
         if self.prior_weight <= 0:
             raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
         if not 0.0 < self.decay <= 1.0:
@@ -50,21 +60,28 @@ class AcceptanceEstimate:
         rate = (self.accepted + self.prior_rate * self.prior_weight) / (self.tried + self.prior_weight)
         return min(rate, 0.99)  # keeps expected_accepted finite-looking and below k
 
-    def observe(self, drafted_depth: int, accepted: int) -> None:
-        """After a step: the draft reached `drafted_depth`, `accepted` positions were kept (bonus not counted).
+    @property
+    def proposal_rate(self) -> float:
+        """Estimated probability that the drafter proposes something when offered a budget."""
+        return (self.proposed + self.prior_proposal * self.prior_weight) / (self.offered + self.prior_weight)
 
-        Positions tried = the accepted ones plus the one rejected, if the walk stopped before the draft's end.
-        """
-        self.tried *= self.decay
-        self.accepted *= self.decay
+    def observe(self, offered: int, drafted_depth: int, accepted: int) -> None:
+        """After a step: the budget was `offered`, the draft reached `drafted_depth`, `accepted` positions were kept
+        (bonus not counted). Positions tried = the accepted ones plus the one rejected, if the walk stopped before
+        the draft's end."""
+        for name in ("tried", "accepted", "offered", "proposed"):
+            setattr(self, name, getattr(self, name) * self.decay)
+        if offered:
+            self.offered += 1
+            self.proposed += 1 if drafted_depth else 0
         if drafted_depth:
             self.tried += accepted + (1 if accepted < drafted_depth else 0)
             self.accepted += accepted
 
     def expected_accepted(self, k: int) -> float:
-        """Mean accepted tokens of a k-long chain: a + a^2 + ... + a^k."""
+        """Mean accepted tokens when offered k: proposal rate x (a + a^2 + ... + a^k) for a k-long chain."""
         a = self.rate
-        return a * (1.0 - a**k) / (1.0 - a) if k > 0 else 0.0
+        return self.proposal_rate * a * (1.0 - a**k) / (1.0 - a) if k > 0 else 0.0
 
 
 class StepCost:

@@ -1,0 +1,187 @@
+"""Load generator: N streamed chat requests at concurrency C against a leapdecode server, speculation on vs off.
+
+Both configurations run against the same server process in the same run: "off" sends every request with
+`drafter: "none"` (plain decoding through the same batched loop), "on" with the drafter under test. Per level the
+order of the two alternates, so a slow drift of the machine's load does not always favour the same one. Reported per
+(concurrency, drafter): output tokens per second (all completion tokens / wall time of the level), request latency
+p50 / p95, time to first token p50, mean MAT, and the speed-up over "off". Requests are greedy, so "on" and "off"
+must return identical texts; the report counts how many do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    ok: bool
+    latency: float  # seconds, send to last byte
+    ttft: float  # seconds, send to first text
+    completion_tokens: int
+    text: str
+    mat: float
+    error: str = ""
+
+
+@dataclass
+class LevelResult:
+    drafter: str
+    concurrency: int
+    wall: float
+    results: list[RequestResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(r.completion_tokens for r in self.ok) / self.wall if self.wall > 0 else 0.0
+
+    def latency(self, q: float) -> float:
+        return _quantile([r.latency for r in self.ok], q)
+
+    @property
+    def ttft_p50(self) -> float:
+        return _quantile([r.ttft for r in self.ok], 0.5)
+
+    @property
+    def mat(self) -> float:
+        return statistics.fmean([r.mat for r in self.ok]) if self.ok else 0.0
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Nearest-rank quantile (p95 of 20 values is the 19th smallest)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = math.ceil(round(q * len(ordered), 9))  # round: 0.95 * 20 must be 19, not 19.000000000000004
+    return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> RequestResult:
+    start = time.perf_counter()
+    ttft, text, tokens, mat = 0.0, [], 0, 0.0
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:300]
+                return RequestResult(False, time.perf_counter() - start, 0.0, 0, "", 0.0,
+                                     f"HTTP {response.status_code}: {detail}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: "):]
+                if payload == "[DONE]":
+                    break
+                event = json.loads(payload)
+                if "error" in event:
+                    return RequestResult(False, time.perf_counter() - start, ttft, tokens, "".join(text), mat,
+                                         event["error"].get("message", "error"))
+                for choice in event.get("choices", []):
+                    piece = choice.get("delta", {}).get("content")
+                    if piece:
+                        ttft = ttft or time.perf_counter() - start
+                        text.append(piece)
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                    mat = event.get("leapdecode", {}).get("mat", 0.0)
+    except httpx.HTTPError as exc:
+        return RequestResult(False, time.perf_counter() - start, ttft, tokens, "".join(text), mat, repr(exc))
+    return RequestResult(True, time.perf_counter() - start, ttft, tokens, "".join(text), mat)
+
+
+async def run_level(url: str, model: str, prompts: Sequence[str], requests: int, concurrency: int, drafter: str,
+                    max_tokens: int, api_key: str | None = None, ignore_eos: bool = False,
+                    timeout: float = 600.0) -> LevelResult:
+    """`requests` requests (prompt i % len(prompts)), at most `concurrency` in flight at any time."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    pending = iter(range(requests))
+    results: list[RequestResult | None] = [None] * requests
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def worker() -> None:
+            for i in pending:  # the shared iterator hands each index to exactly one worker
+                body = {"model": model, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                        "max_tokens": max_tokens, "temperature": 0, "stream": True, "drafter": drafter,
+                        "ignore_eos": ignore_eos}
+                results[i] = await one_request(client, url, body, headers)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return LevelResult(drafter, concurrency, wall, [r for r in results if r is not None])
+
+
+def run_benchmark(url: str, model: str, prompts: Sequence[str], requests: int, levels: Sequence[int],
+                  drafter: str, max_tokens: int, api_key: str | None = None, ignore_eos: bool = False,
+                  progress=None) -> list[LevelResult]:
+    """Every level with speculation off ("none") and on (`drafter`), alternating which goes first."""
+    out = []
+    asyncio.run(run_level(url, model, prompts, 1, 1, drafter, 8, api_key))  # warm-up (first-call allocations)
+    for index, level in enumerate(levels):
+        order = ["none", drafter] if index % 2 == 0 else [drafter, "none"]
+        for name in order:
+            result = asyncio.run(run_level(url, model, prompts, requests, level, name, max_tokens, api_key,
+                                           ignore_eos))
+            if progress is not None:
+                progress(result)
+            out.append(result)
+    return out
+
+
+def identical_outputs(results: Sequence[LevelResult], drafter: str) -> tuple[int, int]:
+    """(identical, compared): greedy texts of the same request index with speculation on and off, per level."""
+    same = total = 0
+    by_key = {(r.drafter, r.concurrency): r for r in results}
+    for (name, level), on in by_key.items():
+        off = by_key.get(("none", level))
+        if name != drafter or off is None:
+            continue
+        for a, b in zip(on.results, off.results):
+            if a.ok and b.ok:
+                total += 1
+                same += a.text == b.text
+    return same, total
+
+
+def markdown(results: Sequence[LevelResult], drafter: str, meta: dict[str, str]) -> str:
+    lines = [f"- {k}: {v}" for k, v in meta.items()]
+    lines += ["", "| concurrency | speculation | ok | output tok/s | p50 latency (s) | p95 latency (s) | "
+              "TTFT p50 (s) | MAT | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    off = {r.concurrency: r for r in results if r.drafter == "none"}
+    for r in sorted(results, key=lambda r: (r.concurrency, r.drafter != "none")):
+        base = off.get(r.concurrency)
+        speedup = r.tokens_per_second / base.tokens_per_second if base and base.tokens_per_second else float("nan")
+        label = "off (none)" if r.drafter == "none" else f"on ({r.drafter})"
+        lines.append(f"| {r.concurrency} | {label} | {len(r.ok)}/{len(r.results)} | {r.tokens_per_second:.1f} | "
+                     f"{r.latency(0.5):.2f} | {r.latency(0.95):.2f} | {r.ttft_p50:.2f} | {r.mat:.2f} | "
+                     f"{speedup:.2f}x |")
+    same, total = identical_outputs(results, drafter)
+    lines += ["", f"Greedy outputs identical with speculation on and off: {same}/{total}."]
+    return "\n".join(lines) + "\n"
+
+
+def load_prompts(suite: str, questions: str | None, limit: int) -> list[str]:
+    """First turns of a bench suite's questions, round-robin over categories so a short run still mixes tasks."""
+    from leapdecode.bench.suites import load_suite
+
+    items, _ = load_suite(suite, questions)
+    by_category: dict[str, list[str]] = {}
+    for q in items:
+        by_category.setdefault(q.category, []).append(q.turns[0])
+    prompts, column = [], 0
+    while len(prompts) < limit and any(column < len(v) for v in by_category.values()):
+        prompts += [v[column] for v in by_category.values() if column < len(v)]
+        column += 1
+    return prompts[:limit]
