@@ -31,8 +31,11 @@ class Stats:
 
     @property
     def mat(self) -> float:
-        """Mean accepted tokens per step, bonus included (plain decoding: 1.00)."""
-        return self.new_tokens / self.steps if self.steps else 0.0
+        """Mean tokens the target produced per step: accepted drafts + the bonus (plain decoding: exactly 1.00).
+
+        Counted before stop truncation, so an EOS or a step cut at max_new_tokens does not pull it below what
+        the step verified; tokens/s uses the emitted `new_tokens` instead."""
+        return (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0
 
     @property
     def tokens_per_second(self) -> float:

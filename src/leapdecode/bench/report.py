@@ -89,9 +89,9 @@ def _speedup(rows: Sequence[dict], reference: Sequence[dict] | None) -> float | 
 
 
 def _emitted(row: dict) -> int:
-    """Tokens the target emitted: the new tokens plus the EOS token that ended the generation, which a step did
-    produce but the output leaves out. Counting it keeps plain decoding's MAT at exactly 1.00."""
-    return row["new_tokens"] + (row["stop_reason"] == "eos")
+    """Tokens the target produced: accepted draft tokens plus one bonus per step, as Stats.mat counts them
+    (before EOS or length truncation), which keeps plain decoding's MAT at exactly 1.00."""
+    return row["accepted_tokens"] + row["steps"]
 
 
 def _metrics(rows: Sequence[dict], baseline: Sequence[dict], hf_greedy: Sequence[dict] | None) -> dict[str, Any]:

@@ -413,12 +413,21 @@ def _drop_quantization(hf_model: Any) -> None:
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, tokenizer: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # a local directory loads in a second or two: transformers' per-tensor progress bar would only be noise on
+    # stderr (which `generate --no-stats` promises to keep empty)
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except (ValueError, ImportError) as err:  # the architecture has no SDPA attention
-        logger.info("SDPA attention unavailable for %s (%s); using eager attention", path, err)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        except (ValueError, ImportError) as err:  # the architecture has no SDPA attention
+            logger.info("SDPA attention unavailable for %s (%s); using eager attention", path, err)
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
     if tokenizer is None and any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path)
     return hf_model, tokenizer
