@@ -17,6 +17,7 @@ from leapdecode.drafters.draft_model import DraftModel
 from leapdecode.drafters.registry import make_drafter, names
 from leapdecode.models.fast import FastConfig, FastRunner, supported, unsupported_reason
 from leapdecode.models.fast.runner import step_inputs
+from leapdecode.models.base import Model
 from leapdecode.models.hf import HFRunner
 from leapdecode.models.tiny import tiny_model
 from leapdecode.tree import ancestor_mask, depths
@@ -197,9 +198,13 @@ def test_unsupported_models_are_refused_with_a_reason():
 
 def test_model_runner_kinds(tiny):
     assert isinstance(tiny.runner("hf"), HFRunner)
-    assert isinstance(tiny.runner(), HFRunner)  # auto: the fast runner is chosen on CUDA only
     fast = tiny.runner("fast")
     assert isinstance(fast, FastRunner) and tiny.runner("fast") is fast  # built once per model
+    assert tiny.runner() is fast  # auto: a supported architecture on the CPU gets the fast runner
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = Model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), None, "gpt2", ())
+    assert isinstance(gpt2.runner(), HFRunner)  # auto falls back to transformers for what it cannot run
     with pytest.raises(ValueError, match="unknown runner"):
         tiny.runner("turbo")
 

@@ -91,7 +91,8 @@ class Model:
         """A target runner for this model.
 
         kind: "hf" (any causal LM, through transformers), "fast" (own forward, static KV cache and CUDA graphs, for
-        the Llama family and Gemma 3; models/fast), or "auto": fast for a supported architecture on CUDA, else hf.
+        the Llama family and Gemma 3; models/fast), or "auto": fast for a supported architecture on CUDA or CPU, else
+        hf (other devices, other architectures).
         The fast runner is built once per Model and reused (fusing weights and capturing graphs is worth keeping);
         like any runner it serves one request at a time, so build FastRunner(model.hf_model) for a second stream.
         """
@@ -100,7 +101,7 @@ class Model:
         if kind == "auto":
             from leapdecode.models.fast import supported
 
-            kind = "fast" if self.device.type == "cuda" and supported(self.hf_model) else "hf"
+            kind = "fast" if self.device.type in ("cuda", "cpu") and supported(self.hf_model) else "hf"
         if kind == "fast":
             from leapdecode.models.fast import FastRunner
 

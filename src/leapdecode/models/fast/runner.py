@@ -25,7 +25,7 @@ from leapdecode.drafters.base import Draft
 from leapdecode.models.fast.cache import StaticCache
 from leapdecode.models.fast.forward import forward
 from leapdecode.models.fast.graphs import StepGraphs, pow2, row_bucket
-from leapdecode.models.fast.weights import extract
+from leapdecode.models.fast.weights import add_cpu_layouts, extract
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class FastConfig:
         two from there, so a step scans at most twice its context.
     prefill_chunk: rows per eager prefill forward (bounds the mask's memory).
     timing: record CUDA events around every step so that gpu_seconds() can say how long the GPU worked.
+    cpu_layouts: keep a transposed copy of every projection for the CPU's matrix products (None = on for CPU
+        devices): twice the weights' memory for faster steps, see weights.add_cpu_layouts.
     """
 
     graphs: bool | None = None
@@ -51,6 +53,7 @@ class FastConfig:
     min_length: int | None = None
     prefill_chunk: int = 512
     timing: bool = False
+    cpu_layouts: bool | None = None
 
     def __post_init__(self) -> None:
         if self.capacity is not None and self.capacity < 1:
@@ -76,6 +79,8 @@ class FastRunner:
         self.dtype = self.weights.embed.dtype
         self.vocab_size = self.spec.vocab_size
         cuda = self.device.type == "cuda"
+        if config.cpu_layouts if config.cpu_layouts is not None else self.device.type == "cpu":
+            add_cpu_layouts(self.weights)
         use_graphs = cuda if config.graphs is None else config.graphs
         if use_graphs and not cuda:
             raise ValueError(f"graphs=True needs a CUDA device; the model is on {self.device}")
