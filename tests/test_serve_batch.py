@@ -19,7 +19,7 @@ from leapdecode.models.hf import HFRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.scheduler import Overloaded, Scheduler, SchedulerConfig, Unavailable
 from leapdecode.serve.sequence import Delta, Failed, Finished, Sequence, TextAssembler, needs_reproducible_drafts
-from leapdecode.serve.speculation import StepCost
+from leapdecode.draft_length import StepCost
 from scripted_drafters import OracleDrafter, OracleTreeDrafter, RandomDrafter
 
 VOCAB = 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from leapdecode.serve.speculation import AcceptanceEstimate, StepCost, choose_draft_length, own_draft_length
+from leapdecode.draft_length import AcceptanceEstimate, StepCost, choose_draft_length, own_draft_length
 
 
 def estimate_with(rate: float, proposal: float = 1.0) -> AcceptanceEstimate:

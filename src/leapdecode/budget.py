@@ -163,14 +163,15 @@ def _load_average() -> float | None:
         return None
 
 
-def curve_key(model_name: str, device: torch.device | str, dtype: torch.dtype | str) -> str:
-    """What a curve depends on: model, device (with its name on CUDA), dtype, torch version and CPU threads."""
+def curve_key(model_name: str, device: torch.device | str, dtype: torch.dtype | str, runner: str = "") -> str:
+    """What a curve depends on: model, device (with its name on CUDA), dtype, runner class, torch version and CPU
+    threads."""
     device = torch.device(device)
     where = str(device)
     if device.type == "cuda":
         where += "-" + torch.cuda.get_device_name(device)
-    return f"{model_name}|{where}|{str(dtype).removeprefix('torch.')}|torch-{torch.__version__}|" \
-           f"threads-{torch.get_num_threads()}"
+    return f"{model_name}|{where}|{str(dtype).removeprefix('torch.')}|{runner or 'runner'}|" \
+           f"torch-{torch.__version__}|threads-{torch.get_num_threads()}"
 
 
 def curve_path(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -184,7 +185,8 @@ def cached_latency_curve(model: Any, cache_dir: str | os.PathLike | None = None,
                          repeats: int = 3, context_len: int = 256, remeasure: bool = False) -> LatencyCurve:
     """The latency curve of `model` (a leapdecode Model) on its device and dtype: read from the cache when it was
     measured before with the same key and sizes, else measured now (a few seconds) and written atomically."""
-    key = curve_key(model.name, model.device, model.dtype)
+    runner = model.runner()
+    key = curve_key(model.name, model.device, model.dtype, type(runner).__name__)
     path = curve_path(key, cache_dir)
     if path.is_file() and not remeasure:
         try:
@@ -193,7 +195,7 @@ def cached_latency_curve(model: Any, cache_dir: str | os.PathLike | None = None,
                 return curve
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             pass  # a stale or damaged file: measure again and overwrite it
-    curve = measure_latency(model.runner(), sizes, repeats, context_len, key=key)
+    curve = measure_latency(runner, sizes, repeats, context_len, key=key)
     data = curve.to_json()
     # for whoever reads the file: when, and how busy the machine was (a loaded machine skews the curve; measure
     # again with remeasure=True when it is quiet)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from leapdecode.draft_length import ChainLength, chain_options
 from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.sampling import SamplingConfig
 
@@ -51,22 +53,34 @@ class CopyDrafter:
     name = "copy"
     description = "copy: continue the most recent earlier occurrence of the last gamma tokens, adaptive length"
 
-    def __init__(self, gamma: int = 3, min_draft: int = 8, max_draft: int = 64) -> None:
+    def __init__(self, gamma: int = 3, min_draft: int = 8, max_draft: int = 64, adaptive: bool = False,
+                 latency_curve: Any = None) -> None:
+        """adaptive: also cap the copy length by draft_length.ChainLength (expected tokens per second from the
+        target's latency curve). Off by default: a copy is either right for a long run or wrong at once, which
+        the policy's single acceptance rate models badly (measured on SmolLM2/CPU: it made summaries slower)."""
         _check_int("gamma", gamma, 1, 64)
         _check_int("max_draft", max_draft, 1, 1024)
         _check_int("min_draft", min_draft, 1, max_draft)
         self.gamma = gamma
         self.min_draft = min_draft
         self.max_draft = max_draft
+        self.length = ChainLength(latency_curve) if adaptive and latency_curve is not None else None
         self.draft_len = min_draft  # current copy length, adapted by observe()
         self.index: dict[tuple[int, ...], int] = {}  # gamma-gram -> end of its most recent occurrence before the root
         self._tokens: list[int] = []  # the context seen so far
         self._next_end = gamma - 1  # first gram end not yet indexed
 
+    @classmethod
+    def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any):
+        """Registry entry: with a target and adaptive=True, the chain length adapts to the target's latency."""
+        return cls(**chain_options(dict(kwargs, adaptive=kwargs.get("adaptive", False)), target))
+
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:
         """Forget the previous request (index and copy length) and index `prompt`."""
         self._clear()
         self.draft_len = self.min_draft
+        if self.length:
+            self.length.reset()
         self._sync(prompt)
 
     def propose(self, context: Sequence[int], budget: int) -> Draft:
@@ -74,7 +88,7 @@ class CopyDrafter:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self._sync(context)
         tokens, size = self._tokens, len(self._tokens)
-        length = min(self.draft_len, budget)
+        length = min(self.draft_len, self.length.limit(budget) if self.length else budget)
         if length == 0 or size < self.gamma:
             return Draft.empty()
         end = self.index.get(tuple(tokens[size - self.gamma :]))
@@ -87,6 +101,8 @@ class CopyDrafter:
     def observe(self, step: StepResult) -> None:
         """Adapt the copy length: double after a fully accepted copy, halve after a rejection in its first half."""
         drafted, accepted = step.draft.n, len(step.path)
+        if self.length:
+            self.length.observe(drafted, accepted)
         if drafted == 0:
             return
         if accepted == drafted:

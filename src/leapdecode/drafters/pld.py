@@ -20,10 +20,12 @@ stuck in a loop will write next, and it is still "what followed the earlier occu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from leapdecode.draft_length import ChainLength, chain_options
 from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.sampling import SamplingConfig
 
@@ -72,26 +74,35 @@ class PromptLookup:
     name = "pld"
     description = "prompt lookup: copy what followed the most recent earlier occurrence of the last n tokens"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft_tokens: int = 10) -> None:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft_tokens: int = 10,
+                 adaptive: bool = True, latency_curve: Any = None) -> None:
         _check_int("max_ngram", max_ngram, 1, 64)
         _check_int("min_ngram", min_ngram, 1, max_ngram)
         _check_int("num_draft_tokens", num_draft_tokens, 1, 1024)
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.num_draft_tokens = num_draft_tokens
+        self.length = ChainLength(latency_curve) if adaptive and latency_curve is not None else None
         self._buf = np.zeros(256, dtype=np.int64)  # [capacity] the context seen so far, doubled when full
         self._len = 0  # tokens of _buf in use
+
+    @classmethod
+    def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any):
+        """Registry entry: with a target, the chain length adapts to the target's measured step latency."""
+        return cls(**chain_options(kwargs, target))
 
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:
         """Forget the previous request and index `prompt` (sampling is irrelevant to a deterministic drafter)."""
         self._len = 0
+        if self.length:
+            self.length.reset()
         self._sync(prompt)
 
     def propose(self, context: Sequence[int], budget: int) -> Draft:
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self._sync(context)
-        length = min(self.num_draft_tokens, budget)
+        length = min(self.num_draft_tokens, self.length.limit(budget) if self.length else budget)
         if length == 0:
             return Draft.empty()
         buf = self._buf[: self._len]  # [L] view, root = buf[L - 1]
@@ -102,7 +113,9 @@ class PromptLookup:
         return Draft.chain(torch.from_numpy(continuation(buf, end, length).copy()))  # [length]
 
     def observe(self, step: StepResult) -> None:
-        """Nothing to learn: the accepted tokens reach the buffer through the next `context`."""
+        """The accepted tokens reach the buffer through the next `context`; only the chain length learns."""
+        if self.length:
+            self.length.observe(step.draft.n, len(step.path))
 
     def state_bytes(self) -> int:
         """Memory held by this drafter's state: the token buffer (its whole capacity) plus the object itself."""

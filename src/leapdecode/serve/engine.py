@@ -23,7 +23,7 @@ from leapdecode.serve.metrics import ServerMetrics
 from leapdecode.serve.protocol import APIError, ChatRequest, CompletionRequest
 from leapdecode.serve.scheduler import Scheduler, SchedulerConfig
 from leapdecode.serve.sequence import Sequence, TextAssembler, needs_reproducible_drafts
-from leapdecode.serve.speculation import StepCost
+from leapdecode.draft_length import StepCost
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default
 

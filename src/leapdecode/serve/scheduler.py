@@ -3,7 +3,7 @@
 Each iteration of the loop:
   1. admit waiting sequences into free batch slots, drop cancelled ones (a disconnected client frees its slot here);
   2. one decode step for every sequence past its prefill: choose the draft length for this batch
-     (leapdecode.serve.speculation), let each sequence's drafter propose, verify all drafts in one forward pass,
+     (leapdecode.draft_length), let each sequence's drafter propose, verify all drafts in one forward pass,
      apply the exact acceptance rule per sequence, commit, observe, emit;
   3. prefill the next chunk (at most `prefill_chunk` prompt tokens) of sequences that just joined, so a long
      prompt delays the running sequences by one chunk per iteration instead of by its whole length.
@@ -27,7 +27,7 @@ from leapdecode.accept import accept
 from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.sequence import Failed, Sequence
-from leapdecode.serve.speculation import StepCost, choose_draft_length, own_draft_length
+from leapdecode.draft_length import StepCost, choose_draft_length, own_draft_length
 from leapdecode.tree import depths
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import torch
 from leapdecode.decode import GenerationConfig
 from leapdecode.drafters.base import Drafter
 from leapdecode.sampling import make_generator
-from leapdecode.serve.speculation import AcceptanceEstimate
+from leapdecode.draft_length import AcceptanceEstimate
 from leapdecode.stats import Stats
 
 
