@@ -83,7 +83,7 @@ def test_measure_latency_on_a_tiny_model(tiny):
 
 def test_curve_cache(tiny, tmp_path):
     first = cached_latency_curve(tiny, cache_dir=tmp_path, sizes=SMALL_SIZES, repeats=1, context_len=16)
-    path = curve_path(curve_key(tiny.name, tiny.device, tiny.dtype, type(tiny.runner()).__name__), tmp_path)
+    path = curve_path(curve_key(tiny.name, tiny.device, tiny.dtype, tiny.runner_kind()), tmp_path)
     assert path.is_file() and json.loads(path.read_text())["sizes"] == list(SMALL_SIZES)
     assert "tiny-llama" in first.key and "cpu" in first.key and "float32" in first.key
     # a second start-up reads the file instead of measuring: plant recognisable numbers and get them back
@@ -102,7 +102,7 @@ def test_curve_cache(tiny, tmp_path):
 def test_registry_builds_auto_budget_and_stats_report_it(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("LEAPDECODE_CACHE", str(tmp_path))
     # plant a curve for the tiny model so the start-up reads it (flat to 4 nodes, then steep): no timing noise
-    key = curve_key(tiny.name, tiny.device, tiny.dtype, type(tiny.runner()).__name__)
+    key = curve_key(tiny.name, tiny.device, tiny.dtype, tiny.runner_kind())
     planted = LatencyCurve((0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96), (0.01,) * 4 + (0.04, 0.08, 0.12, 0.16, 0.24,
                                                                               0.32, 0.48), key)
     path = curve_path(key)

@@ -164,8 +164,8 @@ def _load_average() -> float | None:
 
 
 def curve_key(model_name: str, device: torch.device | str, dtype: torch.dtype | str, runner: str = "") -> str:
-    """What a curve depends on: model, device (with its name on CUDA), dtype, runner class, torch version and CPU
-    threads."""
+    """What a curve depends on: model, device (with its name on CUDA), dtype, runner kind ("fast" or "hf"), torch
+    version and CPU threads."""
     device = torch.device(device)
     where = str(device)
     if device.type == "cuda":
@@ -185,8 +185,7 @@ def cached_latency_curve(model: Any, cache_dir: str | os.PathLike | None = None,
                          repeats: int = 3, context_len: int = 256, remeasure: bool = False) -> LatencyCurve:
     """The latency curve of `model` (a leapdecode Model) on its device and dtype: read from the cache when it was
     measured before with the same key and sizes, else measured now (a few seconds) and written atomically."""
-    runner = model.runner()
-    key = curve_key(model.name, model.device, model.dtype, type(runner).__name__)
+    key = curve_key(model.name, model.device, model.dtype, model.runner_kind())
     path = curve_path(key, cache_dir)
     if path.is_file() and not remeasure:
         try:
@@ -195,7 +194,7 @@ def cached_latency_curve(model: Any, cache_dir: str | os.PathLike | None = None,
                 return curve
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             pass  # a stale or damaged file: measure again and overwrite it
-    curve = measure_latency(runner, sizes, repeats, context_len, key=key)
+    curve = measure_latency(model.runner(), sizes, repeats, context_len, key=key)
     data = curve.to_json()
     # for whoever reads the file: when, and how busy the machine was (a loaded machine skews the curve; measure
     # again with remeasure=True when it is quiet)

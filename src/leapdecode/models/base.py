@@ -87,6 +87,16 @@ class Model:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
+    def runner_kind(self, kind: str = "auto") -> str:
+        """The runner `runner(kind)` returns, by name ("fast" or "hf"), without building it."""
+        if kind not in RUNNER_KINDS:
+            raise ValueError(f"unknown runner {kind!r}; available: {', '.join(RUNNER_KINDS)}")
+        if kind == "auto":
+            from leapdecode.models.fast import supported
+
+            return "fast" if self.device.type in ("cuda", "cpu") and supported(self.hf_model) else "hf"
+        return kind
+
     def runner(self, kind: str = "auto") -> TargetRunner:
         """A target runner for this model.
 
@@ -96,12 +106,7 @@ class Model:
         The fast runner is built once per Model and reused (fusing weights and capturing graphs is worth keeping);
         like any runner it serves one request at a time, so build FastRunner(model.hf_model) for a second stream.
         """
-        if kind not in RUNNER_KINDS:
-            raise ValueError(f"unknown runner {kind!r}; available: {', '.join(RUNNER_KINDS)}")
-        if kind == "auto":
-            from leapdecode.models.fast import supported
-
-            kind = "fast" if self.device.type in ("cuda", "cpu") and supported(self.hf_model) else "hf"
+        kind = self.runner_kind(kind)
         if kind == "fast":
             from leapdecode.models.fast import FastRunner
 
