@@ -15,7 +15,7 @@ from typing import Any
 
 from leapdecode.decode import GenerationConfig
 from leapdecode.drafters.base import Drafter
-from leapdecode.drafters.registry import make_drafter
+from leapdecode.drafters.registry import info, make_drafter
 from leapdecode.models.base import Model
 from leapdecode.sampling import SamplingConfig
 from leapdecode.serve.batch_runner import BatchRunner
@@ -73,7 +73,10 @@ class Engine:
         self._drafter_context = {"target": model, "device": str(model.device),
                                  "dtype": str(model.dtype).removeprefix("torch.")}
         self._default_options = self._preload(config.drafter, config.drafter_options)
-        make_drafter(config.drafter, self._default_options, **self._drafter_context)  # fail at start, not per request
+        try:
+            self.make_drafter(config.drafter)  # fail at start, not per request
+        except APIError as exc:
+            raise ValueError(exc.message) from None
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -126,6 +129,8 @@ class Engine:
         name = name or self.config.drafter
         options = self._default_options if name == self.config.drafter else {}
         try:
+            if "adaptive" in info(name).options:  # the scheduler sizes drafts for the whole batch (draft_length.py)
+                options = {**options, "adaptive": False}
             return make_drafter(name, options, **self._drafter_context)
         except (ValueError, TypeError, ImportError) as exc:
             raise APIError(400, f"drafter {name!r} cannot be used: {exc}", "drafter", "invalid_drafter") from None
