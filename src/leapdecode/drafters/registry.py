@@ -45,7 +45,8 @@ def drafter_class(name: str) -> type:
 def info(name: str) -> DrafterInfo:
     cls = drafter_class(name)
     params = inspect.signature(cls.__init__).parameters
-    options = {k: p.default for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD}
+    options = {k: p.default for k, p in params.items()
+               if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     return DrafterInfo(name, getattr(cls, "description", ""), options)
 
 
