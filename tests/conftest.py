@@ -6,6 +6,7 @@ install it, rather than skipping and letting "lossless on the real model" go sil
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -40,3 +41,28 @@ def tiny_models() -> dict[str, Model]:
 def tiny(request: pytest.FixtureRequest, tiny_models: dict[str, Model]) -> Model:
     """Parametrised over TINY_ARCHS: a test using `tiny` runs once per architecture. Shared; do not modify."""
     return tiny_models[request.param]
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run many small forwards dominated by per-op overhead: one intra-op thread avoids waking a second
+    one for every op (many times the work itself on a busy two-core machine). The setting is restored afterwards."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """one_thread for a whole module (use with pytestmark = pytest.mark.usefixtures("one_thread_module"))."""
+    with _torch_threads(1):
+        yield

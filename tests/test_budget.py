@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from leapdecode import GenerationConfig, speculate
 from leapdecode.budget import (LatencyCurve, cached_latency_curve, choose_budget, curve_key, curve_path,
@@ -15,14 +14,7 @@ from leapdecode.drafters.registry import make_drafter
 from leapdecode.models.tiny import tiny_model
 from leapdecode.stats import Stats
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forward passes are dominated by per-op overhead, which a second intra-op thread only adds to (and on a
-    loaded two-core machine makes far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny forwards: see conftest.one_thread
 
 
 SMALL_SIZES = (0, 1, 2, 4, 8)

@@ -21,14 +21,6 @@ from leapdecode.stats import Stats
 
 VOCAB = 64
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run many small forwards: one thread avoids the cost of waking a second one for each op (many
-    times the work itself on a busy two-core machine). The previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- window geometry

@@ -18,14 +18,7 @@ from leapdecode.models.tiny import tiny_model
 from leapdecode.stats import Stats
 from leapdecode.tree import children
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forward passes are dominated by per-op overhead, which a second intra-op thread only adds to (and on a
-    loaded two-core machine makes far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny forwards: see conftest.one_thread
 
 
 # a template over 3 ranks: the root's 3 entries, two children under (0,), one under (1,), a grandchild under (0, 0)

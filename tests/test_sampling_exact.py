@@ -45,14 +45,7 @@ from stats_util import (empirical_law, exact_sequence_law, marginal, tv_bound, t
                         tv_distance)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forward passes are dominated by per-op overhead, which a second intra-op thread only adds to
-    (on a shared 2-core machine it makes them several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny forwards: see conftest.one_thread
 
 
 # ================================================================ 1. acceptance level

@@ -32,13 +32,7 @@ CONFIGS = {"t1": SamplingConfig(temperature=1.0), "topk_topp": SamplingConfig(te
 MARGINALS = [(0,), (1,), (2,), (0, 1), (0, 1, 2)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forward passes are dominated by per-op overhead, which a second intra-op thread only adds to."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny forwards: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

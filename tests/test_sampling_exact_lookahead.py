@@ -31,14 +31,7 @@ SAMPLES = 1000
 PROMPT = [6, 6, 0, 4, 4, 1, 5, 5, 7, 5, 2, 1, 1, 0, 3, 1, 5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small forwards: one thread avoids the cost of waking a second one for each op (many
-    times the work itself on a busy two-core machine). The previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny forwards: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
