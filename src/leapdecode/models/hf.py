@@ -17,23 +17,31 @@ from leapdecode.drafters.base import Draft
 from leapdecode.tree import ancestor_mask, depths
 
 
+def read_model_facts(runner, hf_model, who: str):
+    """Set what a runner over a transformers model needs to know about it: sliding_window (None unless it has
+    sliding-window layers), max_positions, device, dtype and vocab_size. Other attention kinds are refused.
+    Returns the model's text config."""
+    config = hf_model.config.get_text_config(decoder=True) if hasattr(hf_model.config, "get_text_config") \
+        else hf_model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    unknown = layer_types - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"{who} supports full and sliding-window attention layers, not {sorted(unknown)}")
+    runner.sliding_window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
+    runner.max_positions = int(getattr(config, "max_position_embeddings", 1 << 30))
+    runner.device = next(hf_model.parameters()).device
+    runner.dtype = next(hf_model.parameters()).dtype
+    runner.vocab_size = int(hf_model.get_output_embeddings().weight.shape[0])
+    return config
+
+
 class HFRunner:
     supports_trees = True
     supports_aux = True  # can score an auxiliary branch (Draft.aux_*) in the verification pass
 
     def __init__(self, hf_model) -> None:
         self.model = hf_model
-        config = hf_model.config.get_text_config(decoder=True) if hasattr(hf_model.config, "get_text_config") \
-            else hf_model.config
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        unknown = layer_types - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ValueError(f"HFRunner supports full and sliding-window attention layers, not {sorted(unknown)}")
-        self.sliding_window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
-        self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 30))
-        self.device = next(hf_model.parameters()).device
-        self.dtype = next(hf_model.parameters()).dtype
-        self.vocab_size = int(hf_model.get_output_embeddings().weight.shape[0])
+        read_model_facts(self, hf_model, "HFRunner")
         self.reset()
 
     @property

@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from leapdecode.drafters.base import Draft
+from leapdecode.models.hf import read_model_facts
 from leapdecode.tree import ancestor_mask, depths
 
 
@@ -109,17 +110,7 @@ class BatchRunner:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = hf_model
-        config = hf_model.config.get_text_config(decoder=True) if hasattr(hf_model.config, "get_text_config") \
-            else hf_model.config
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        unknown = layer_types - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise ValueError(f"BatchRunner supports full and sliding-window attention layers, not {sorted(unknown)}")
-        self.sliding_window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
-        self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 30))
-        self.device = next(hf_model.parameters()).device
-        self.dtype = next(hf_model.parameters()).dtype
-        self.vocab_size = int(hf_model.get_output_embeddings().weight.shape[0])
+        config = read_model_facts(self, hf_model, "BatchRunner")
         self.max_batch = max_batch
         self.capacity = capacity
         self.slots: list[Slot] = []  # slots[i].row == i
