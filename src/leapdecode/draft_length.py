@@ -191,11 +191,12 @@ class ChainLength:
         self.estimate.observe(self.offered, drafted, accepted)
 
 
-def chain_options(kwargs: dict, target=None) -> dict:
-    """Registry entry of the chain drafters: with a target and adaptive on, load (or measure once) the target's
-    latency curve, cached per model, device and dtype (see budget.cached_latency_curve)."""
+def chain_options(kwargs: dict, target=None, adaptive_default: bool = True) -> dict:
+    """Registry entry of the chain drafters: with a target and adaptive on (the drafter's default when not given),
+    load (or measure once) the target's latency curve, cached per model, device and dtype
+    (see budget.cached_latency_curve)."""
     kwargs = dict(kwargs)
-    if target is not None and kwargs.get("adaptive", True) and kwargs.get("latency_curve") is None:
+    if target is not None and kwargs.get("adaptive", adaptive_default) and kwargs.get("latency_curve") is None:
         from leapdecode.budget import cached_latency_curve
 
         kwargs["latency_curve"] = cached_latency_curve(target)

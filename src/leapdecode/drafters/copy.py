@@ -73,7 +73,7 @@ class CopyDrafter:
     @classmethod
     def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any):
         """Registry entry: with a target and adaptive=True, the chain length adapts to the target's latency."""
-        return cls(**chain_options(dict(kwargs, adaptive=kwargs.get("adaptive", False)), target))
+        return cls(**chain_options(kwargs, target, adaptive_default=False))
 
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:
         """Forget the previous request (index and copy length) and index `prompt`."""
@@ -88,7 +88,8 @@ class CopyDrafter:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self._sync(context)
         tokens, size = self._tokens, len(self._tokens)
-        length = min(self.draft_len, self.length.limit(budget) if self.length else budget)
+        length = min(self.draft_len, budget)
+        length = self.length.limit(length) if self.length else length  # what pays on this hardware, now
         if length == 0 or size < self.gamma:
             return Draft.empty()
         end = self.index.get(tuple(tokens[size - self.gamma :]))

@@ -102,7 +102,8 @@ class PromptLookup:
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self._sync(context)
-        length = min(self.num_draft_tokens, self.length.limit(budget) if self.length else budget)
+        length = min(self.num_draft_tokens, budget)
+        length = self.length.limit(length) if self.length else length  # what pays on this hardware, now
         if length == 0:
             return Draft.empty()
         buf = self._buf[: self._len]  # [L] view, root = buf[L - 1]
