@@ -114,3 +114,11 @@ def test_sampled_outputs_follow_the_target_law(name):
     for keep in [(0,), (1,), (2,), (0, 1), (0, 1, 2)]:
         emp, ex = (marginal(law, VOCAB, LENGTH, keep) for law in (empirical, exact))
         assert tv_distance(emp, ex) <= tv_bound(ex, RUNS), (keep, tv_distance(emp, ex), tv_bound(ex, RUNS))
+
+
+def test_a_latency_curve_given_as_text_is_a_clear_error():
+    from leapdecode.drafters.registry import make_drafter
+
+    for name in ("pld", "copy"):
+        with pytest.raises(ValueError, match="option 'latency_curve' takes a measured"):
+            make_drafter(name, {"latency_curve": "fast"})

@@ -196,6 +196,11 @@ def chain_options(kwargs: dict, target=None, adaptive_default: bool = True) -> d
     load (or measure once) the target's latency curve, cached per model, device and dtype
     (see budget.cached_latency_curve)."""
     kwargs = dict(kwargs)
+    from leapdecode.budget import LatencyCurve
+
+    if kwargs.get("latency_curve") is not None and not isinstance(kwargs["latency_curve"], LatencyCurve):
+        raise ValueError("option 'latency_curve' takes a measured leapdecode.budget.LatencyCurve (leapdecode "
+                         "measures it from the target); it cannot be given as text: use adaptive=false to turn it off")
     if target is not None and kwargs.get("adaptive", adaptive_default) and kwargs.get("latency_curve") is None:
         from leapdecode.budget import cached_latency_curve
 

@@ -57,7 +57,7 @@ class CopyDrafter:
                  latency_curve: Any = None) -> None:
         """adaptive: also cap the copy length by draft_length.ChainLength (expected tokens per second from the
         target's latency curve). Off by default: a copy is either right for a long run or wrong at once, which
-        the policy's single acceptance rate models badly (measured on SmolLM2/CPU: it made summaries slower)."""
+        the policy's single acceptance rate (a geometric model) describes badly."""
         _check_int("gamma", gamma, 1, 64)
         _check_int("max_draft", max_draft, 1, 1024)
         _check_int("min_draft", min_draft, 1, max_draft)
