@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from leapdecode.models.fast.cache import StaticCache
+from leapdecode.models.fast.cpu import CpuLinear, cpu_linear
 from leapdecode.models.fast.weights import LayerWeights, Spec, Weights
 
 
@@ -44,7 +45,7 @@ def forward(spec: Spec, weights: Weights, cache: StaticCache, ids: torch.Tensor,
         x = block(spec, layer, cache.layer(i), x, slots, rotary[spec.rope_of_layer[i]], bias[spec.windows[i]], length)
     if not logits:
         return None
-    out = linear(rms_norm(spec, x, weights.final_norm), weights.lm_head, weights.lm_head_t)  # [R, vocab]
+    out = linear(rms_norm(spec, x, weights.final_norm), weights.lm_head, weights.lm_head_cpu)  # [R, vocab]
     if spec.final_softcap is not None:
         out = torch.tanh(out / spec.final_softcap) * spec.final_softcap
     return out
@@ -54,7 +55,7 @@ def block(spec: Spec, layer: LayerWeights, kv_cache: torch.Tensor, x: torch.Tens
           rotary: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor, length: int) -> torch.Tensor:
     """One decoder layer on x [R, hidden]; kv_cache [capacity, 2, kv_heads, head_dim] is this layer's cache."""
     rows, d, heads, kv_heads = x.shape[0], spec.head_dim, spec.n_heads, spec.n_kv_heads
-    qkv = linear(rms_norm(spec, x, layer.attn_norm), layer.qkv, layer.qkv_t, layer.qkv_bias)
+    qkv = linear(rms_norm(spec, x, layer.attn_norm), layer.qkv, layer.qkv_cpu, layer.qkv_bias)
     qkv = qkv.contiguous().view(rows, spec.qkv_heads, d)
     if layer.qk_norm is not None:  # Gemma: RMS-normalise each q and k head in float32, v untouched
         qk = F.rms_norm(qkv[:, : heads + kv_heads].float(), (d,), None, spec.eps) * layer.qk_norm
@@ -70,28 +71,24 @@ def block(spec: Spec, layer: LayerWeights, kv_cache: torch.Tensor, x: torch.Tens
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=spec.attn_scale)
     attn = attn.reshape(kv_heads, group, rows, d).permute(2, 0, 1, 3).reshape(rows, heads * d)  # [R, heads * d]
     if spec.family == "gemma3":  # sandwich norms: normalise the sublayer output before the residual add
-        x = x + rms_norm(spec, linear(attn, layer.o, layer.o_t), layer.post_attn_norm)
+        x = x + rms_norm(spec, linear(attn, layer.o, layer.o_cpu), layer.post_attn_norm)
     else:
-        x = _residual_linear(x, attn, layer.o, layer.o_t, layer.o_bias)
-    gate_up = linear(rms_norm(spec, x, layer.mlp_norm), layer.gate_up, layer.gate_up_t, layer.gate_up_bias)
+        x = _residual_linear(x, attn, layer.o, layer.o_cpu, layer.o_bias)
+    gate_up = linear(rms_norm(spec, x, layer.mlp_norm), layer.gate_up, layer.gate_up_cpu, layer.gate_up_bias)
     gate, up = gate_up.chunk(2, dim=-1)
     hidden = _activation(spec.activation, gate) * up  # [R, intermediate]
     if spec.family == "gemma3":
-        return x + rms_norm(spec, linear(hidden, layer.down, layer.down_t), layer.post_mlp_norm)
-    return _residual_linear(x, hidden, layer.down, layer.down_t, layer.down_bias)
+        return x + rms_norm(spec, linear(hidden, layer.down, layer.down_cpu), layer.post_mlp_norm)
+    return _residual_linear(x, hidden, layer.down, layer.down_cpu, layer.down_bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor | None = None,
+def linear(x: torch.Tensor, weight: torch.Tensor, cpu: CpuLinear | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [R, in] @ weight.T (+ bias) -> [R, out]; weight [out, in].
-
-    With weight_t (a contiguous [in, out] copy, kept on CPUs by add_cpu_layouts) the product takes the layout the
-    BLAS streams fastest: one row reads weight_t as a matrix-vector product; several rows compute weight @ x^T,
-    [out, R], and return its transposed view."""
-    if weight_t is None:
+    """x [R, in] @ weight.T (+ bias) -> [R, out]; weight [out, in]. With `cpu` layouts (CPU devices, see cpu.py)
+    the product reads the layout that is fastest for R rows."""
+    if cpu is None:
         return F.linear(x, weight, bias)
-    out = x @ weight_t if x.shape[0] == 1 else (weight @ x.t()).t()
-    return out if bias is None else out + bias
+    return cpu_linear(x, weight, cpu, bias)
 
 
 def rms_norm(spec: Spec, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -130,12 +127,12 @@ def attention_bias(spec: Spec, positions: torch.Tensor, start: torch.Tensor, tre
     return bias.repeat(spec.group, 1)[None, None]  # rows ordered (group member, row) like the folded queries
 
 
-def _residual_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor | None,
+def _residual_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, cpu: CpuLinear | None,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """x + a @ weight.T (+ bias): one GEMM with the residual as its accumulator when there is no bias (GPU)."""
-    if bias is None and weight_t is None:
+    if bias is None and cpu is None:
         return torch.addmm(x, a, weight.t())
-    return x + linear(a, weight, weight_t, bias)
+    return x + linear(a, weight, cpu, bias)
 
 
 def _activation(name: str, x: torch.Tensor) -> torch.Tensor:

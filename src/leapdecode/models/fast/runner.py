@@ -42,8 +42,9 @@ class FastConfig:
         two from there, so a step scans at most twice its context.
     prefill_chunk: rows per eager prefill forward (bounds the mask's memory).
     timing: record CUDA events around every step so that gpu_seconds() can say how long the GPU worked.
-    cpu_layouts: keep a transposed copy of every projection for the CPU's matrix products (None = on for CPU
-        devices): twice the weights' memory for faster steps, see weights.add_cpu_layouts.
+    cpu_layouts: keep every projection also in the layouts the CPU reads fastest (None = on for CPU devices): a
+        transposed copy for one-row steps and a oneDNN-packed copy for several-row steps; two more copies of the
+        projection weights for faster steps, see models/fast/cpu.py.
     """
 
     graphs: bool | None = None

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from leapdecode.models.fast.cpu import CpuLinear
+
 # rope types whose inverse frequencies do not depend on the sequence length (dynamic and longrope do)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new", "gelu_fast")
@@ -79,11 +81,11 @@ class LayerWeights:
     qk_norm: torch.Tensor | None = None  # [n_heads + kv, head_dim] float32, per-head RMSNorm weight of q then k
     post_attn_norm: torch.Tensor | None = None  # [hidden]
     post_mlp_norm: torch.Tensor | None = None  # [hidden]
-    # contiguous transposed copies [in, out] of qkv, o, gate_up and down (CPU only, see add_cpu_layouts)
-    qkv_t: torch.Tensor | None = None
-    o_t: torch.Tensor | None = None
-    gate_up_t: torch.Tensor | None = None
-    down_t: torch.Tensor | None = None
+    # the CPU layouts of qkv, o, gate_up and down (CPU only, see add_cpu_layouts)
+    qkv_cpu: CpuLinear | None = None
+    o_cpu: CpuLinear | None = None
+    gate_up_cpu: CpuLinear | None = None
+    down_cpu: CpuLinear | None = None
 
 
 @dataclass
@@ -94,24 +96,16 @@ class Weights:
     final_norm: torch.Tensor  # [hidden]
     lm_head: torch.Tensor  # [vocab, hidden] (the embedding itself when tied)
     rope: list[torch.Tensor]  # each [max_positions, 2, head_dim]: cos and sign-folded sin, in the model dtype
-    lm_head_t: torch.Tensor | None = None  # [hidden, vocab] contiguous copy (CPU only, see add_cpu_layouts)
+    lm_head_cpu: CpuLinear | None = None  # CPU only, see add_cpu_layouts
 
 
 def add_cpu_layouts(weights: Weights) -> None:
-    """Give every projection a contiguous transposed copy [in, out], for the CPU's matrix products.
-
-    On a CPU a decode step streams all weights from memory, so a step's cost is how fast the BLAS reads them, and
-    that depends on the layout and the number of rows (measured with torch 2.13 on the 2-core development machine,
-    30 layers of SmolLM2-135M's fused qkv + gate/up, 280 MB, see linear() in forward.py):
-    1 row: x @ W^T with W^T [in, out] stored 21.7 ms, F.linear(x, W) 36.3 ms;
-    2 / 4 / 8 / 16 rows: W @ x^T 24.5 / 29.5 / 44.9 / 52.5 ms, F.linear 80.3 / 86.5 / 76.1 / 93.5 ms.
-    Keeping both layouts (twice the weights' memory) makes a plain step faster and, more so, makes verifying a few
-    draft tokens cost little more than one: the condition for speculation to pay on a CPU.
-    """
+    """Give every projection its CPU layouts (cpu.CpuLinear): faster steps, above all several-row verify steps,
+    for two more copies of the projection weights."""
     for layer in weights.layers:
-        layer.qkv_t, layer.o_t = layer.qkv.t().contiguous(), layer.o.t().contiguous()
-        layer.gate_up_t, layer.down_t = layer.gate_up.t().contiguous(), layer.down.t().contiguous()
-    weights.lm_head_t = weights.lm_head.t().contiguous()
+        layer.qkv_cpu, layer.o_cpu = CpuLinear.of(layer.qkv), CpuLinear.of(layer.o)
+        layer.gate_up_cpu, layer.down_cpu = CpuLinear.of(layer.gate_up), CpuLinear.of(layer.down)
+    weights.lm_head_cpu = CpuLinear.of(weights.lm_head)
 
 
 def text_config(hf_model: Any) -> Any:
