@@ -15,6 +15,8 @@ import torch
 from leapdecode import GenerationConfig, SamplingConfig, speculate
 from leapdecode.drafters.base import Draft
 from leapdecode.drafters.registry import make_drafter, names
+from leapdecode.models.fast import FastRunner
+from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.models.hf import HFRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.scheduler import Overloaded, Scheduler, SchedulerConfig, Unavailable
@@ -38,6 +40,13 @@ def plain(model, prompt, new_tokens, seed=None, temperature=0.0) -> list[int]:
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True,
                               sampling=SamplingConfig(temperature=temperature, seed=seed))
     return [t for step in speculate(HFRunner(model.hf_model), prompt, None, config) for t in step]
+
+
+def batch_runner(kind: str, model, max_batch: int):
+    """The server's two batched runners: transformers' forward ("hf") or leapdecode's own ("fast")."""
+    if kind == "fast":
+        return FastBatchRunner(FastRunner(model.hf_model), max_batch)
+    return BatchRunner(model.hf_model, max_batch)
 
 
 def run_all(scheduler: Scheduler, specs) -> list[Finished | Failed]:
@@ -107,12 +116,13 @@ def expected_outputs(model) -> list[list[int]]:
     return _expected[model.name]
 
 
+@pytest.mark.parametrize("runner", ["hf", "fast"])
 @pytest.mark.parametrize("cost", [FLAT, STEEP], ids=["speculate", "plain"])
-def test_every_sequence_matches_plain_decoding_alone(tiny, cost):
+def test_every_sequence_matches_plain_decoding_alone(tiny, cost, runner):
     prompts, lengths = make_prompts(), LENGTHS
     expected = expected_outputs(tiny)
     drafters = list(registry_drafters(tiny))
-    scheduler = Scheduler(BatchRunner(tiny.hf_model, 3), SchedulerConfig(max_batch=3, prefill_chunk=7, max_draft=8),
+    scheduler = Scheduler(batch_runner(runner, tiny, 3), SchedulerConfig(max_batch=3, prefill_chunk=7, max_draft=8),
                           cost=StepCost(cost, weight=0.0))
     scheduler.start()
     try:
@@ -137,7 +147,8 @@ def test_every_sequence_matches_plain_decoding_alone(tiny, cost):
         assert all(r.stats.draft_tokens == 0 for r in results)
 
 
-def test_calibrated_scheduler_and_eos(tiny_models):
+@pytest.mark.parametrize("runner", ["hf", "fast"])
+def test_calibrated_scheduler_and_eos(tiny_models, runner):
     # the real cost model (calibrated at start), EOS stopping and a seeded sampling request with drafter none:
     # sampling through the batch consumes the request's own generator exactly as offline plain sampling does
     model = tiny_models["llama"]
@@ -146,7 +157,7 @@ def test_calibrated_scheduler_and_eos(tiny_models):
     eos = greedy[10]  # the first occurrence of this token ends the greedy run
     cut = greedy.index(eos)
     sampled = plain(model, prompt, 30, seed=7, temperature=0.8)
-    scheduler = Scheduler(BatchRunner(model.hf_model, 2), SchedulerConfig(max_batch=2, calibration_rows=(1, 4, 16)))
+    scheduler = Scheduler(batch_runner(runner, model, 2), SchedulerConfig(max_batch=2, calibration_rows=(1, 4, 16)))
     scheduler.start()
     try:
         events: queue.Queue = queue.Queue()
@@ -168,7 +179,8 @@ def test_calibrated_scheduler_and_eos(tiny_models):
     assert final["sampled"].tokens == sampled
 
 
-def test_seeded_sampling_is_reproducible_under_any_load(tiny_models):
+@pytest.mark.parametrize("runner", ["hf", "fast"])
+def test_seeded_sampling_is_reproducible_under_any_load(tiny_models, runner):
     # a seeded sampling request drafts by its own history only, so it returns the same tokens alone and in a
     # crowded batch whose other members change the batch-wide draft length
     model = tiny_models["gemma3"]
@@ -176,7 +188,7 @@ def test_seeded_sampling_is_reproducible_under_any_load(tiny_models):
     config = GenerationConfig(max_new_tokens=30, ignore_eos=True, sampling=SamplingConfig(1.0, top_k=20, seed=11))
 
     def run(with_crowd: bool) -> list[int]:
-        scheduler = Scheduler(BatchRunner(model.hf_model, 4), SchedulerConfig(max_batch=4, max_draft=8),
+        scheduler = Scheduler(batch_runner(runner, model, 4), SchedulerConfig(max_batch=4, max_draft=8),
                               cost=StepCost(FLAT, weight=0.0))
         scheduler.start()
         try:
@@ -191,9 +203,10 @@ def test_seeded_sampling_is_reproducible_under_any_load(tiny_models):
     assert run(False) == run(True)
 
 
-def test_cancel_overload_and_stop(tiny_models):
+@pytest.mark.parametrize("runner", ["hf", "fast"])
+def test_cancel_overload_and_stop(tiny_models, runner):
     model = tiny_models["qwen2"]
-    scheduler = Scheduler(BatchRunner(model.hf_model, 1), SchedulerConfig(max_batch=1, max_waiting=1),
+    scheduler = Scheduler(batch_runner(runner, model, 1), SchedulerConfig(max_batch=1, max_waiting=1),
                           cost=StepCost(STEEP, weight=0.0))
     with pytest.raises(Unavailable):  # not started yet
         scheduler.submit(Sequence([1, 2], GenerationConfig(), make_drafter("none"), print, TextAssembler(str)))

@@ -90,6 +90,19 @@ def test_fixed_lengths_widen_the_step_for_free():
     assert choose_draft_length([estimate_with(0.5)], [32], 2, cost, max_draft=32, fixed=fixed) >= 6
 
 
+def test_unpadded_runner_prices_each_sequence_by_its_own_rows():
+    # 16 sequences, 15 of them at their last token (cap 0); steps are free up to 64 rows. Padded, a k-token draft
+    # costs 16 x (1 + k) rows, so 3 fit; without padding (the fast batch runner) it costs 16 + k: draft the cap
+    cost = StepCost({1: 1.0, 64: 1.0, 1024: 16.0})
+    estimates, caps = [estimate_with(0.8)] * 16, [32] + [0] * 15
+    assert choose_draft_length(estimates, caps, 16, cost, max_draft=32) == 3
+    assert choose_draft_length(estimates, caps, 16, cost, max_draft=32, padded=False) == 32
+    # a fixed 6-token draft widens a padded step for everybody (free up to 6), an unpadded one only for itself
+    fixed, steep = [(estimate_with(0.5), 6)], StepCost({1: 1.0, 2: 2.0})
+    assert choose_draft_length([estimate_with(0.5)], [32], 2, steep, max_draft=32, fixed=fixed) == 6
+    assert choose_draft_length([estimate_with(0.5)], [32], 2, steep, max_draft=32, fixed=fixed, padded=False) < 6
+
+
 def test_own_draft_length_ignores_the_batch():
     e = estimate_with(0.9)
     assert own_draft_length(e, cap=32, max_draft=32) == own_draft_length(e, cap=32, max_draft=32) > 0

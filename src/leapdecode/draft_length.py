@@ -144,20 +144,25 @@ class StepCost:
 
 
 def choose_draft_length(estimates: Sequence[AcceptanceEstimate], caps: Sequence[int], width: int, cost: StepCost,
-                        max_draft: int, fixed: Sequence[tuple[AcceptanceEstimate, int]] = ()) -> int:
+                        max_draft: int, fixed: Sequence[tuple[AcceptanceEstimate, int]] = (),
+                        padded: bool = True) -> int:
     """The draft length k in [0, max_draft] that maximises expected emitted tokens per second of the step.
 
     estimates / caps: the adaptive sequences and the most each may draft now (its remaining tokens and budget).
-    width: batch rows the pass spans (including sequences that only carry padding this step).
-    fixed: sequences whose draft length is already decided (estimate, length); they widen the step regardless.
+    width: sequences the pass spans (with a padded runner, including those that only carry padding this step).
+    fixed: sequences whose draft length is already decided (estimate, length).
+    padded: the pass computes width x (widest step) rows (serve.batch_runner); else each sequence's own rows
+        (models.fast.batch): 1 + its draft, summed.
     """
-    floor = max((k for _, k in fixed), default=0)  # the step is at least this wide anyway
+    floor = max((k for _, k in fixed), default=0)  # a padded step is at least this wide anyway
     fixed_gain = sum(e.expected_accepted(k) for e, k in fixed)
+    fixed_rows = sum(1 + k for _, k in fixed)
     emitting = len(estimates) + len(fixed)  # every sequence emits its bonus token
     best_k, best_rate = 0, -1.0
     for k in range(max_draft + 1):
         gain = fixed_gain + sum(e.expected_accepted(min(k, cap)) for e, cap in zip(estimates, caps))
-        rate = (emitting + gain) / cost.estimate(width * (1 + max(k, floor)))
+        rows = width * (1 + max(k, floor)) if padded else fixed_rows + sum(1 + min(k, cap) for cap in caps)
+        rate = (emitting + gain) / cost.estimate(rows)
         if rate > best_rate * (1.0 + 1e-9):  # prefer the shorter draft on ties
             best_k, best_rate = k, rate
     return best_k

@@ -5,8 +5,8 @@
     engine.py       one loaded target + scheduler; turns a validated request into a Sequence
     scheduler.py    the background thread: admit, decode step, chunked prefill, cancel, drain
     sequence.py     one request's decoding state, text and stop strings, and its events
-    batch_runner.py the batched target runner (per-sequence lengths, positions and masks; slot KV cache)
-    speculation.py  how much to draft: acceptance estimates, step cost, draft length choice
+    batch_runner.py the batched target runner over transformers' forward (per-sequence lengths, positions and
+                    masks; slot KV cache); models/fast/batch.py is the one over leapdecode's own forward (default)
     metrics.py      Prometheus metrics
     process.py      run the server as a child process (tests, load generator)
     loadgen.py      the load generator (`leapdecode loadgen`)

@@ -21,7 +21,6 @@ context except the root.
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Sequence
 
 import torch
@@ -147,6 +146,18 @@ class BatchRunner:
             self.slots[slot.row] = last
         slot.row = -1
 
+    def span(self, slots: Sequence[Slot]) -> int:
+        """Sequences a pass over `slots` computes: every cache row between the first and the last (the others in
+        that range carry padding rows)."""
+        rows = [slot.row for slot in slots]
+        return max(rows) - min(rows) + 1
+
+    padded = True  # a pass computes (sequences spanned) x (widest step) rows
+
+    def pass_rows(self, slots: Sequence[Slot], rows: Sequence[int]) -> int:
+        """Rows a pass computes when sequence i brings rows[i]: the span times the widest, padding included."""
+        return self.span(slots) * max(rows)
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
@@ -220,19 +231,6 @@ class BatchRunner:
                 layer.gather(slot.row, start, index)
         slot.length = start + 1 + len(path)
         slot.pending = 0
-
-    @torch.inference_mode()
-    def time_step(self, rows: int) -> float:
-        """Seconds of one verification pass of `rows` rows on a scratch slot (for the scheduler's cost model)."""
-        slot = self.allocate()
-        try:
-            begin = time.perf_counter()
-            self.verify([(slot, 0, Draft.chain([0] * (rows - 1)))])
-            seconds = time.perf_counter() - begin
-            slot.pending = 0
-        finally:
-            self.release(slot)
-        return seconds
 
     # -------------------------------------------------------------------------------------------------- helpers
 

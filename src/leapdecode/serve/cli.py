@@ -42,6 +42,8 @@ def serve(
     prefill_chunk: int = typer.Option(128, help="Prompt tokens prefilled per scheduler iteration."),
     max_draft: int = typer.Option(32, help="Longest draft per sequence and step (the scheduler adapts below it)."),
     drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for running requests before exiting."),
+    runner: str = typer.Option("auto", "--runner", help="Batched forward: fast (leapdecode's own, Llama/Qwen2/"
+                               "Gemma 3 families), hf (transformers', any causal LM) or auto (fast where supported)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
@@ -66,7 +68,7 @@ def serve(
         config = ServeConfig(served_name=served_model_name or model, drafter=drafter, drafter_options=options,
                              max_batch=max_batch, max_waiting=max_waiting, max_context=max_context,
                              max_tokens_limit=max_tokens_limit, prefill_chunk=prefill_chunk, max_draft=max_draft,
-                             api_key=api_key, drain_timeout=drain_timeout)
+                             api_key=api_key, drain_timeout=drain_timeout, runner=runner)
         with err.status(f"loading {model} ..."):
             target = load_model(model, device=device, dtype=dtype)
         if served_model_name is None:
@@ -74,8 +76,9 @@ def serve(
         engine = Engine(target, config)
     except _ERRORS as exc:
         fail(str(exc))
-    err.print(f"serving {config.served_name!r} with drafter {drafter!r} (batch {max_batch}, queue {max_waiting}, "
-              f"context {engine.context_limit}){'; API key required' if api_key else ''}")
+    err.print(f"serving {config.served_name!r} with drafter {drafter!r} (runner {engine.runner_kind}, batch "
+              f"{max_batch}, queue {max_waiting}, context {engine.context_limit})"
+              f"{'; API key required' if api_key else ''}")
     uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=drain_timeout,
                 limit_concurrency=max_batch + max_waiting + 16)  # beyond this uvicorn answers 503 by itself
@@ -98,6 +101,8 @@ def loadgen(
     max_batch: Optional[int] = typer.Option(None, help="With --model: server batch slots (default: the highest "
                                                        "concurrency level)."),
     threads: Optional[int] = typer.Option(None, help="With --model: torch threads of the server."),
+    runner: str = typer.Option("auto", "--runner", help="With --model: the server's batched forward (auto, fast, "
+                                                         "hf; see `leapdecode serve --help`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the markdown report here."),
 ) -> None:
     """Measure serving throughput and latency with speculation on vs off (same server, same run)."""
@@ -114,7 +119,8 @@ def loadgen(
     server = None
     if url is None:
         args = ["--model", model, "--drafter", drafter, "--max-batch", str(max_batch or max(levels)),
-                "--max-waiting", str(max(256, max(levels)))] + (["--threads", str(threads)] if threads else [])
+                "--max-waiting", str(max(256, max(levels))), "--runner", runner] + \
+            (["--threads", str(threads)] if threads else [])
         err.print(f"starting leapdecode serve {' '.join(args)} ...")
         server = ServerProcess(args, env={"LEAPDECODE_API_KEY": api_key} if api_key else None)
         try:

@@ -17,6 +17,7 @@ from leapdecode.decode import GenerationConfig
 from leapdecode.drafters.base import Drafter
 from leapdecode.drafters.registry import info, make_drafter
 from leapdecode.models.base import Model
+from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.sampling import SamplingConfig
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.metrics import ServerMetrics
@@ -42,6 +43,8 @@ class ServeConfig:
     max_draft: int = 32
     api_key: str | None = None
     drain_timeout: float = 60.0  # seconds a shutdown waits for running requests
+    runner: str = "auto"  # "fast": batched fast forward (models/fast/batch.py); "hf": transformers' forward;
+    # "auto": fast where the model's architecture is supported, else hf
 
     def __post_init__(self) -> None:
         if not self.served_name:
@@ -52,8 +55,18 @@ class ServeConfig:
         for name in ("max_waiting", "max_draft", "drain_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.runner not in ("auto", "fast", "hf"):
+            raise ValueError(f"unknown runner {self.runner!r}; available: auto, fast, hf")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must be non-empty when given")
+
+
+def batch_runner(model: Model, kind: str, max_batch: int) -> BatchRunner | FastBatchRunner:
+    """The server's batched target runner: the fast forward over the model's FastRunner weights when `kind`
+    resolves to "fast" (Model.runner_kind), transformers' forward otherwise."""
+    if model.runner_kind(kind) == "fast":
+        return FastBatchRunner(model.runner("fast"), max_batch)
+    return BatchRunner(model.hf_model, max_batch)
 
 
 class Engine:
@@ -62,7 +75,8 @@ class Engine:
             raise ValueError(f"model {model.name!r} has no tokenizer; the server needs one to read prompts")
         self.model, self.config = model, config
         self.metrics = ServerMetrics()
-        self.runner = BatchRunner(model.hf_model, config.max_batch)
+        self.runner = batch_runner(model, config.runner, config.max_batch)
+        self.runner_kind = "fast" if isinstance(self.runner, FastBatchRunner) else "hf"
         self.scheduler = Scheduler(self.runner, SchedulerConfig(max_batch=config.max_batch,
                                                                 max_waiting=config.max_waiting,
                                                                 prefill_chunk=config.prefill_chunk,

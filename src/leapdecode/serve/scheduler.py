@@ -10,8 +10,10 @@ Each iteration of the loop:
 Sequences join and leave between steps. All torch work happens on this thread; the asyncio side only submits and
 cancels sequences and receives their events through each sequence's sink.
 
-Each sequence keeps its own cache length, positions, mask, drafter, generator and stats (see BatchRunner and
-Sequence), so its output is the one it would get alone: identical tokens under greedy decoding, the same
+The runner is one of two batched forwards: serve.batch_runner.BatchRunner (transformers' forward, one padded
+cache row per sequence) or models.fast.batch.FastBatchRunner (leapdecode's forward, one cache per sequence, no
+padding); both offer allocate / release / prefill / verify / commit / span / pass_rows. Each sequence keeps its
+own cache length, positions, mask, drafter, generator and stats (see the runners and Sequence), so its output is the one it would get alone: identical tokens under greedy decoding, the same
 distribution under sampling.
 """
 
@@ -23,8 +25,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from leapdecode.accept import accept
 from leapdecode.drafters.base import Draft, StepResult
+from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.sequence import Failed, Sequence
 from leapdecode.draft_length import StepCost, choose_draft_length, own_draft_length
@@ -61,7 +66,7 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, runner: BatchRunner, config: SchedulerConfig, metrics=None, cost: StepCost | None = None) -> None:
+    def __init__(self, runner: BatchRunner | FastBatchRunner, config: SchedulerConfig, metrics=None, cost: StepCost | None = None) -> None:
         if runner.max_batch != config.max_batch:
             raise ValueError(f"runner has {runner.max_batch} slots but config.max_batch is {config.max_batch}")
         self.runner, self.config, self.metrics, self.cost = runner, config, metrics, cost
@@ -222,14 +227,13 @@ class Scheduler:
     def _decode_step(self, batch: list[Sequence]) -> None:
         # 1. how much each sequence may draft (common adaptive length; reproducible requests decide alone)
         caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
-        rows = [seq.slot.row for seq in batch]
-        width = max(rows) - min(rows) + 1  # the pass spans these cache rows (prefilling ones carry padding)
+        width = self.runner.span([seq.slot for seq in batch])  # sequences the pass computes (with padding ones)
         own = {seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
                for seq, cap in zip(batch, caps) if seq.reproducible}
         adaptive = [(seq.estimate, cap) for seq, cap in zip(batch, caps) if not seq.reproducible]
         k = choose_draft_length([e for e, _ in adaptive], [c for _, c in adaptive], width, self.cost,
                                 self.config.max_draft, [(seq.estimate, own[seq.id]) for seq in batch
-                                                        if seq.reproducible])
+                                                        if seq.reproducible], padded=self.runner.padded)
         self.last_draft_length = k
         # 2. guess
         entries: list[tuple[Sequence, Draft]] = []
@@ -258,8 +262,8 @@ class Scheduler:
                 self._fail(seq, 500, f"verification failed: {exc}")
             return
         seconds = time.perf_counter() - t1
-        span = max(seq.slot.row for seq, _ in entries) - min(seq.slot.row for seq, _ in entries) + 1
-        self.cost.observe(span * max(row.shape[0] for row in logits), seconds)
+        self.cost.observe(self.runner.pass_rows([seq.slot for seq, _ in entries], [row.shape[0] for row in logits]),
+                          seconds)
         if self.metrics is not None:
             self.metrics.on_batch(len(entries), k)
         # 4. per sequence: exact acceptance, commit, observe, emit
@@ -313,5 +317,18 @@ class Scheduler:
 
     def _calibrate(self) -> StepCost:
         """Time verification passes of the configured sizes on a scratch slot (the best of two each)."""
-        self.runner.time_step(1)  # warm-up: first-call allocations
-        return StepCost({n: min(self.runner.time_step(n) for _ in range(2)) for n in self.config.calibration_rows})
+        time_step(self.runner, 1)  # warm-up: first-call allocations
+        return StepCost({n: min(time_step(self.runner, n) for _ in range(2)) for n in self.config.calibration_rows})
+
+
+def time_step(runner: BatchRunner | FastBatchRunner, rows: int) -> float:
+    """Seconds of one verification pass of `rows` rows on a scratch slot of a batch runner (for the cost model)."""
+    slot = runner.allocate()
+    try:
+        begin = time.perf_counter()
+        runner.verify([(slot, 0, Draft.chain([0] * (rows - 1)))])
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)  # the pass, not just its launch
+        return time.perf_counter() - begin
+    finally:
+        runner.release(slot)

@@ -107,7 +107,7 @@ class Sequence:
     state: str = "waiting"
     stats: Stats = field(default_factory=Stats)
     estimate: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    slot: object = None  # the runner's Slot while admitted
+    slot: object = None  # the batch runner's slot (Slot or FastSlot) while admitted
     prefilled: int = 0  # prompt tokens (of prompt[:-1]) already in the cache
     first_token: float = 0.0  # perf_counter of the first emitted token
     cancel_event: threading.Event = field(default_factory=threading.Event)

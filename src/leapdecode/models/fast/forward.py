@@ -1,4 +1,5 @@
-"""The fast runner's forward pass: R rows (the root, the draft nodes, aux tokens, padding) against the static cache.
+"""The fast runner's forward pass: R rows (the root, the draft nodes, aux tokens, padding) against the static cache,
+or the rows of several sequences, each against its own cache (forward_batch, for the server's batched runner).
 
 Everything here is tensor code with shapes fixed by (R, length), so one call can be captured as a CUDA graph and
 replayed: the per-step inputs (ids, positions, the first slot, the tree mask) live in tensors, never in Python
@@ -9,7 +10,9 @@ Attention. Row r is written at slot start + r and sees
 - the slots of its tree ancestors and itself (tree[r, c] for slot start + c),
 - on sliding-window layers, only keys whose position is within the window (committed slot s holds position s; a
   new slot's position is that row's position).
-The mask is one additive bias [R, length] per distinct window, built once per step and shared by all layers.
+The mask is one additive bias [R, length] per distinct window (per sequence in a batch), built once per step and
+shared by all layers. In a batch every projection runs once over all sequences' rows; only attention is per
+sequence.
 Grouped-query attention without copying K/V: the `group` query heads that share a key/value head are folded into
 the query-row axis, so SDPA sees kv_heads heads of group * R query rows each ([1, kv, group * R, head_dim]) and the
 same K/V views; the mask is tiled group times. Scanning `length` slots (a bucket, not the whole cache) keeps the
@@ -17,6 +20,8 @@ work proportional to the context.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,20 @@ from leapdecode.models.fast.cpu import CpuLinear, cpu_linear
 from leapdecode.models.fast.weights import LayerWeights, Spec, Weights
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's rows in a (batched) step: batch rows [first, first + rows), written to `cache` from slot
+    `start` ([1] long); tree [rows, rows] bool says which of its new rows each row sees; attention scans `length`
+    slots of its cache."""
+
+    cache: StaticCache
+    first: int
+    rows: int
+    start: torch.Tensor
+    tree: torch.Tensor
+    length: int
+
+
 def forward(spec: Spec, weights: Weights, cache: StaticCache, ids: torch.Tensor, positions: torch.Tensor,
             start: torch.Tensor, tree: torch.Tensor, length: int, logits: bool = True) -> torch.Tensor | None:
     """ids [R] long, positions [R] long, start [1] long (slot of row 0), tree [R, R] bool (row r sees new row c).
@@ -33,16 +52,28 @@ def forward(spec: Spec, weights: Weights, cache: StaticCache, ids: torch.Tensor,
     Writes the rows' keys and values at slots start .. start + R - 1 of every layer and returns the logits
     [R, vocab] (None when `logits` is False: prefill needs only the cache). `length` >= start + R slots are scanned.
     """
-    rows = ids.shape[0]
-    slots = start + torch.arange(rows, device=ids.device)  # [R]
+    return forward_batch(spec, weights, ids, positions, [Segment(cache, 0, ids.shape[0], start, tree, length)],
+                         logits)
+
+
+def forward_batch(spec: Spec, weights: Weights, ids: torch.Tensor, positions: torch.Tensor,
+                  segments: list[Segment], logits: bool = True) -> torch.Tensor | None:
+    """Several sequences in one pass: ids [R] and positions [R] are their rows, one segment after the other.
+
+    Every projection multiplies all R rows at once (the weights are read once for the whole batch); attention runs
+    per segment against that sequence's own cache and mask. Returns logits [R, vocab] (None without `logits`)."""
     x = F.embedding(ids, weights.embed)  # [R, hidden]
     if spec.embed_scale:
         x = x * weights.embed_scale
     rotary = [rotary_factors(spec, table, positions) for table in weights.rope]
-    bias = {window: attention_bias(spec, positions, start, tree, length, window, x.dtype)
-            for window in sorted(set(spec.windows), key=lambda w: -1 if w is None else w)}
+    windows = sorted(set(spec.windows), key=lambda w: -1 if w is None else w)
+    biases = [{window: attention_bias(spec, positions[seg.first: seg.first + seg.rows], seg.start, seg.tree,
+                                      seg.length, window, x.dtype) for window in windows} for seg in segments]
+    slots = [seg.start + torch.arange(seg.rows, device=ids.device) for seg in segments]  # [rows] each
     for i, layer in enumerate(weights.layers):
-        x = block(spec, layer, cache.layer(i), x, slots, rotary[spec.rope_of_layer[i]], bias[spec.windows[i]], length)
+        attend = [(seg.cache.layer(i), seg, where, bias[spec.windows[i]])
+                  for seg, where, bias in zip(segments, slots, biases)]
+        x = block(spec, layer, x, rotary[spec.rope_of_layer[i]], attend)
     if not logits:
         return None
     out = linear(rms_norm(spec, x, weights.final_norm), weights.lm_head, weights.lm_head_cpu)  # [R, vocab]
@@ -51,9 +82,10 @@ def forward(spec: Spec, weights: Weights, cache: StaticCache, ids: torch.Tensor,
     return out
 
 
-def block(spec: Spec, layer: LayerWeights, kv_cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
-          rotary: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor, length: int) -> torch.Tensor:
-    """One decoder layer on x [R, hidden]; kv_cache [capacity, 2, kv_heads, head_dim] is this layer's cache."""
+def block(spec: Spec, layer: LayerWeights, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+          attend: list[tuple[torch.Tensor, Segment, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One decoder layer on x [R, hidden]; `attend` lists, per segment, this layer's cache of that sequence
+    [capacity, 2, kv_heads, head_dim], the segment, the slots its rows are written to [rows] and its mask."""
     rows, d, heads, kv_heads = x.shape[0], spec.head_dim, spec.n_heads, spec.n_kv_heads
     qkv = linear(rms_norm(spec, x, layer.attn_norm), layer.qkv, layer.qkv_cpu, layer.qkv_bias)
     qkv = qkv.contiguous().view(rows, spec.qkv_heads, d)
@@ -63,13 +95,9 @@ def block(spec: Spec, layer: LayerWeights, kv_cache: torch.Tensor, x: torch.Tens
     cos, sin = rotary  # [R, qkv_heads, d]; the v heads get cos 1, sin 0 and pass through unchanged
     swapped = qkv.view(rows, spec.qkv_heads, 2, d // 2).flip(2).view(rows, spec.qkv_heads, d)  # halves swapped
     qkv = torch.addcmul(qkv * cos, swapped, sin)  # rotate q and k: x * cos + rotate_half(x) * sin
-    kv_cache.index_copy_(0, slots, qkv[:, heads:].view(rows, 2, kv_heads, d))  # k and v of every row, one write
-    keys = kv_cache[:length, 0].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, length, d] (strided view)
-    values = kv_cache[:length, 1].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, length, d]
-    group = spec.group
-    q = qkv[:, :heads].reshape(rows, kv_heads, group, d).permute(1, 2, 0, 3).reshape(1, kv_heads, group * rows, d)
-    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=spec.attn_scale)
-    attn = attn.reshape(kv_heads, group, rows, d).permute(2, 0, 1, 3).reshape(rows, heads * d)  # [R, heads * d]
+    parts = [attention(spec, kv_cache, qkv[seg.first: seg.first + seg.rows], slots, seg.length, bias)
+             for kv_cache, seg, slots, bias in attend]
+    attn = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, heads * d]
     if spec.family == "gemma3":  # sandwich norms: normalise the sublayer output before the residual add
         x = x + rms_norm(spec, linear(attn, layer.o, layer.o_cpu), layer.post_attn_norm)
     else:
@@ -80,6 +108,20 @@ def block(spec: Spec, layer: LayerWeights, kv_cache: torch.Tensor, x: torch.Tens
     if spec.family == "gemma3":
         return x + rms_norm(spec, linear(hidden, layer.down, layer.down_cpu), layer.post_mlp_norm)
     return _residual_linear(x, hidden, layer.down, layer.down_cpu, layer.down_bias)
+
+
+def attention(spec: Spec, kv_cache: torch.Tensor, qkv: torch.Tensor, slots: torch.Tensor, length: int,
+              bias: torch.Tensor) -> torch.Tensor:
+    """One sequence's rows qkv [r, qkv_heads, d] (rotated): store their keys and values at `slots` [r] of its
+    cache, attend over its first `length` slots, return [r, heads * d]."""
+    rows, d, heads, kv_heads = qkv.shape[0], spec.head_dim, spec.n_heads, spec.n_kv_heads
+    kv_cache.index_copy_(0, slots, qkv[:, heads:].reshape(rows, 2, kv_heads, d))  # k and v of every row, one write
+    keys = kv_cache[:length, 0].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, length, d] (strided view)
+    values = kv_cache[:length, 1].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, length, d]
+    group = spec.group
+    q = qkv[:, :heads].reshape(rows, kv_heads, group, d).permute(1, 2, 0, 3).reshape(1, kv_heads, group * rows, d)
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=spec.attn_scale)
+    return attn.reshape(kv_heads, group, rows, d).permute(2, 0, 1, 3).reshape(rows, heads * d)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, cpu: CpuLinear | None = None,
