@@ -116,6 +116,10 @@ def test_protocol_errors(tiny_models, one_thread):
     assert slot.length == 5
     with pytest.raises(ValueError, match="positions"):
         batch.prefill(slot, [1] * model.hf_model.config.max_position_embeddings)
+    last = model.hf_model.config.max_position_embeddings
+    batch.prefill(slot, [1] * (last - 7))  # the root sits at position last - 2
+    rows = batch.verify([(slot, 4, with_aux([5], [-1]))])[0]  # aux offsets 1..3 would pass the last position
+    assert rows.shape[0] == 2  # the unverified aux branch was dropped, the root and node were scored
     batch.release(slot)
     with pytest.raises(ValueError, match="not held"):
         batch.release(slot)

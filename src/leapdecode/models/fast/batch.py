@@ -115,6 +115,9 @@ class FastBatchRunner:
         for i, (slot, root, draft) in enumerate(batch):
             if slot.pending or any(slot is other for other, _, _ in batch[:i]):
                 raise RuntimeError(f"verify twice without commit for {slot}")
+            if draft.m and slot.length + int(draft.aux_positions.max()) + 1 > self.max_positions:
+                draft = Draft(draft.tokens, draft.parents, draft.q)  # an unverified aux branch past the model's
+                # last position is dropped (its drafter sees no rows for it), so it cannot fail the whole batch
             tokens, offsets, tree = step_inputs(root, draft)  # [r], [r], [r, r]
             rows, start = tokens.shape[0], slot.length
             self._check_positions(start + int(offsets.max()) + 1)
