@@ -25,13 +25,22 @@ from leapdecode.models.fast.runner import FastRunner, step_inputs
 
 
 class FastSlot:
-    """One sequence's place: its own cache, committed length and rows awaiting commit."""
+    """One sequence's place: its own cache, committed length and rows awaiting commit. The cache is allocated on
+    first use: admitting a request allocates nothing, so an out-of-memory error surfaces in a prefill or a step,
+    where the scheduler fails requests, not in its admission loop."""
 
-    def __init__(self, cache: StaticCache) -> None:
-        self.cache = cache
+    def __init__(self, make_cache) -> None:
+        self._make_cache = make_cache
+        self._cache: StaticCache | None = None
         self.length = 0  # committed tokens in the cache (the root is not among them)
         self.pending = 0  # rows written by the last verify, not yet committed
         self.held = True
+
+    @property
+    def cache(self) -> StaticCache:
+        if self._cache is None:
+            self._cache = self._make_cache()
+        return self._cache
 
     def __repr__(self) -> str:
         return f"FastSlot(length={self.length})"
@@ -65,8 +74,8 @@ class FastBatchRunner:
         if not self.free_slots:
             raise RuntimeError(f"all {self.max_batch} batch slots are in use")
         spec = self.spec
-        slot = FastSlot(StaticCache(spec.n_layers, spec.n_kv_heads, spec.head_dim, self.capacity, self.max_positions,
-                                    self.dtype, self.device))
+        slot = FastSlot(lambda: StaticCache(spec.n_layers, spec.n_kv_heads, spec.head_dim, self.capacity,
+                                            self.max_positions, self.dtype, self.device))
         self.slots.append(slot)
         return slot
 
@@ -75,6 +84,7 @@ class FastBatchRunner:
             raise ValueError(f"{slot} is not held by this runner")
         self.slots.remove(slot)
         slot.held = False
+        slot._cache = None  # free its memory now, not when the request object goes
 
     def span(self, slots: Sequence[FastSlot]) -> int:
         """Sequences a pass over `slots` computes: exactly those (no padding rows for others)."""
