@@ -105,6 +105,8 @@ class _SlotLayer(CacheLayerMixin):
 class BatchRunner:
     """Runs one Hugging Face causal LM over a batch of slots (see the module docstring)."""
 
+    padded = True  # a pass computes (sequences spanned) x (widest step) rows
+
     def __init__(self, hf_model, max_batch: int, capacity: int = 256) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -151,12 +153,6 @@ class BatchRunner:
         that range carry padding rows)."""
         rows = [slot.row for slot in slots]
         return max(rows) - min(rows) + 1
-
-    padded = True  # a pass computes (sequences spanned) x (widest step) rows
-
-    def pass_rows(self, slots: Sequence[Slot], rows: Sequence[int]) -> int:
-        """Rows a pass computes when sequence i brings rows[i]: the span times the widest, padding included."""
-        return self.span(slots) * max(rows)
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:

@@ -106,6 +106,7 @@ def loadgen(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the markdown report here."),
 ) -> None:
     """Measure serving throughput and latency with speculation on vs off (same server, same run)."""
+    from leapdecode.models.base import RUNNER_KINDS as RUNNERS
     from leapdecode.serve.loadgen import load_prompts, markdown, run_benchmark
     from leapdecode.serve.process import ServerProcess
 
@@ -113,6 +114,8 @@ def loadgen(
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
         if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1:
             raise ValueError("--concurrency levels, --requests and --max-tokens must be >= 1")
+        if runner not in RUNNERS:
+            raise ValueError(f"unknown runner {runner!r}; available: {', '.join(RUNNERS)}")
         texts = load_prompts(suite, str(questions) if questions else None, prompts)
     except _ERRORS as exc:
         fail(str(exc))

@@ -16,7 +16,7 @@ from typing import Any
 from leapdecode.decode import GenerationConfig
 from leapdecode.drafters.base import Drafter
 from leapdecode.drafters.registry import info, make_drafter
-from leapdecode.models.base import Model
+from leapdecode.models.base import RUNNER_KINDS, Model
 from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.sampling import SamplingConfig
 from leapdecode.serve.batch_runner import BatchRunner
@@ -55,8 +55,8 @@ class ServeConfig:
         for name in ("max_waiting", "max_draft", "drain_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.runner not in ("auto", "fast", "hf"):
-            raise ValueError(f"unknown runner {self.runner!r}; available: auto, fast, hf")
+        if self.runner not in RUNNER_KINDS:
+            raise ValueError(f"unknown runner {self.runner!r}; available: {', '.join(RUNNER_KINDS)}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must be non-empty when given")
 

@@ -12,9 +12,10 @@ cancels sequences and receives their events through each sequence's sink.
 
 The runner is one of two batched forwards: serve.batch_runner.BatchRunner (transformers' forward, one padded
 cache row per sequence) or models.fast.batch.FastBatchRunner (leapdecode's forward, one cache per sequence, no
-padding); both offer allocate / release / prefill / verify / commit / span / pass_rows. Each sequence keeps its
-own cache length, positions, mask, drafter, generator and stats (see the runners and Sequence), so its output is the one it would get alone: identical tokens under greedy decoding, the same
-distribution under sampling.
+padding); both offer allocate / release / prefill / verify / commit / span and say whether they pad. Each
+sequence keeps its own cache length, positions, mask, drafter, generator and stats (see the runners and Sequence),
+so its output is the one it would get alone: identical tokens under greedy decoding, the same distribution under
+sampling.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, runner: BatchRunner | FastBatchRunner, config: SchedulerConfig, metrics=None, cost: StepCost | None = None) -> None:
+    def __init__(self, runner: BatchRunner | FastBatchRunner, config: SchedulerConfig, metrics=None,
+                 cost: StepCost | None = None) -> None:
         if runner.max_batch != config.max_batch:
             raise ValueError(f"runner has {runner.max_batch} slots but config.max_batch is {config.max_batch}")
         self.runner, self.config, self.metrics, self.cost = runner, config, metrics, cost
@@ -262,8 +264,9 @@ class Scheduler:
                 self._fail(seq, 500, f"verification failed: {exc}")
             return
         seconds = time.perf_counter() - t1
-        self.cost.observe(self.runner.pass_rows([seq.slot for seq, _ in entries], [row.shape[0] for row in logits]),
-                          seconds)
+        rows = [row.shape[0] for row in logits]
+        width = self.runner.span([seq.slot for seq, _ in entries])
+        self.cost.observe(width * max(rows) if self.runner.padded else sum(rows), seconds)  # rows the pass computed
         if self.metrics is not None:
             self.metrics.on_batch(len(entries), k)
         # 4. per sequence: exact acceptance, commit, observe, emit

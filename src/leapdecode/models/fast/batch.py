@@ -1,7 +1,7 @@
 """The fast forward for a server: many sequences, each with its own KV cache and length, verified in one pass.
 
 Same protocol as serve.batch_runner.BatchRunner (allocate, release, prefill, verify a batch, commit, span,
-pass_rows), on the fast runner's weights (shared with the Model's FastRunner, not copied). Each sequence owns a
+padded), on the fast runner's weights (shared with the Model's FastRunner, not copied). Each sequence owns a
 StaticCache; a step concatenates every sequence's rows (root, draft nodes, aux tokens), runs each projection once
 over all of them (on a CPU the weights are streamed once per step, whatever the batch), and attends per sequence
 against its own cache with its own tree mask (forward.forward_batch). No padding rows: a sequence that drafts
@@ -20,8 +20,7 @@ import torch
 from leapdecode.drafters.base import Draft
 from leapdecode.models.fast.cache import StaticCache
 from leapdecode.models.fast.forward import Segment, forward_batch
-from leapdecode.models.fast.graphs import pow2
-from leapdecode.models.fast.runner import FastRunner, step_inputs
+from leapdecode.models.fast.runner import FastRunner, check_positions, scan_length, step_inputs
 
 
 class FastSlot:
@@ -34,7 +33,6 @@ class FastSlot:
         self._cache: StaticCache | None = None
         self.length = 0  # committed tokens in the cache (the root is not among them)
         self.pending = 0  # rows written by the last verify, not yet committed
-        self.held = True
 
     @property
     def cache(self) -> StaticCache:
@@ -48,6 +46,8 @@ class FastSlot:
 
 class FastBatchRunner:
     """A batch of sequences over a FastRunner's weights (see the module docstring)."""
+
+    padded = False  # a pass computes each sequence's own rows (not span x widest step)
 
     def __init__(self, runner: FastRunner, max_batch: int, capacity: int = 256) -> None:
         if max_batch < 1:
@@ -80,21 +80,14 @@ class FastBatchRunner:
         return slot
 
     def release(self, slot: FastSlot) -> None:
-        if not slot.held or slot not in self.slots:
+        if slot not in self.slots:
             raise ValueError(f"{slot} is not held by this runner")
         self.slots.remove(slot)
-        slot.held = False
         slot._cache = None  # free its memory now, not when the request object goes
 
     def span(self, slots: Sequence[FastSlot]) -> int:
         """Sequences a pass over `slots` computes: exactly those (no padding rows for others)."""
         return len(slots)
-
-    padded = False  # a pass computes each sequence's own rows, not batch x widest
-
-    def pass_rows(self, slots: Sequence[FastSlot], rows: Sequence[int]) -> int:
-        """Rows a pass computes when sequence i brings rows[i]: their sum."""
-        return sum(rows)
 
     # ------------------------------------------------------------------------------------------- forward passes
 
@@ -104,13 +97,14 @@ class FastBatchRunner:
         if slot.pending:
             raise RuntimeError("prefill after verify without commit")
         tokens = list(tokens)
-        self._check_positions(slot.length + len(tokens))  # before any chunk: all or nothing
+        check_positions(slot.length + len(tokens), self.max_positions)  # before any chunk: all or nothing
         for first in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[first: first + self.prefill_chunk]
             rows, start = len(chunk), slot.length
             slot.cache.ensure(start + rows)
             causal = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril_()  # [r, r]
-            segment = Segment(slot.cache, 0, rows, self._long([start]), causal, self._length(slot, start + rows))
+            length = scan_length(start + rows, self.min_length, slot.cache.capacity)
+            segment = Segment(slot.cache, 0, rows, self._long([start]), causal, length)
             forward_batch(self.spec, self.weights, self._long(chunk), torch.arange(start, start + rows,
                           device=self.device), [segment], logits=False)
             slot.length += rows
@@ -123,19 +117,19 @@ class FastBatchRunner:
         ids, positions, segments = [], [], []
         first = 0
         for i, (slot, root, draft) in enumerate(batch):
-            if slot.pending or any(slot is other for other, _, _ in batch[:i]):
+            if slot.pending or any(slot is other for other, _, _ in batch[:i]):  # pending, or twice in this batch
                 raise RuntimeError(f"verify twice without commit for {slot}")
             if draft.m and slot.length + int(draft.aux_positions.max()) + 1 > self.max_positions:
                 draft = Draft(draft.tokens, draft.parents, draft.q)  # an unverified aux branch past the model's
                 # last position is dropped (its drafter sees no rows for it), so it cannot fail the whole batch
             tokens, offsets, tree = step_inputs(root, draft)  # [r], [r], [r, r]
             rows, start = tokens.shape[0], slot.length
-            self._check_positions(start + int(offsets.max()) + 1)
+            check_positions(start + int(offsets.max()) + 1, self.max_positions)
             slot.cache.ensure(start + rows)
             ids.append(torch.from_numpy(tokens))
             positions.append(torch.from_numpy(offsets + start))
             segments.append(Segment(slot.cache, first, rows, self._long([start]), torch.from_numpy(tree).to(
-                self.device), self._length(slot, start + rows)))
+                self.device), scan_length(start + rows, self.min_length, slot.cache.capacity)))
             first += rows
         logits = forward_batch(self.spec, self.weights, torch.cat(ids).to(self.device),
                                torch.cat(positions).to(self.device), segments)  # [rows of all, vocab]
@@ -160,11 +154,3 @@ class FastBatchRunner:
 
     def _long(self, values: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(values), dtype=torch.long, device=self.device)
-
-    def _length(self, slot: FastSlot, slots: int) -> int:
-        """Slots attention scans: a power of two >= slots (at least min_length), at most the cache capacity."""
-        return min(max(pow2(slots), self.min_length), slot.cache.capacity)
-
-    def _check_positions(self, end: int) -> None:
-        if end > self.max_positions:
-            raise ValueError(f"sequence would reach {end} tokens, beyond the model's {self.max_positions} positions")

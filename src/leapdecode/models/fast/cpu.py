@@ -1,14 +1,15 @@
 """CPU weight layouts: the fast runner's matrix products on a CPU, in the layouts the CPU reads fastest.
 
 On a CPU a decode step streams every weight from memory, so a step costs what reading the weights costs, and that
-depends on the layout and on the number of rows (R) in the product. Measured with torch 2.13 on the 2-core
-development machine (AMD EPYC, AVX2), 30 layers of SmolLM2-135M's fused gate/up [3072, 576], 212 MB, ms per pass:
+depends on the layout and on the number of rows (R) in the product. `python scripts/cpu_matmul.py` (2026-11-29,
+the 2-core development machine, AMD EPYC with AVX2, torch 2.13) times 30 layers of SmolLM2-135M's fused gate/up
+[3072, 576] (212 MB), ms per pass:
 
-| rows                                   |    1 |    2 |    5 |    9 |   17 |
-|----------------------------------------|-----:|-----:|-----:|-----:|-----:|
-| x @ W^T, W^T stored [in, out] (MKL)    | 16.5 | 27.8 | 42.5 | 51.3 | 78.7 |
-| W @ x^T, W stored [out, in] (MKL)      | 26.9 | 18.2 | 23.4 | 38.0 | 51.4 |
-| oneDNN, W packed once for 64 rows      | 16.2 | 18.2 | 22.0 | 24.9 | 33.5 |
+| rows                                   |    1 |    2 |    5 |    9 |   17 |   33 |
+|----------------------------------------|-----:|-----:|-----:|-----:|-----:|-----:|
+| x @ W^T, W^T stored [in, out] (MKL)    | 15.1 | 26.4 | 84.9 | 84.0 | 85.9 | 120.9 |
+| W @ x^T, W stored [out, in] (MKL)      | 26.5 | 20.1 | 24.3 | 37.5 | 47.3 | 69.1 |
+| oneDNN, W packed once for 64 rows      | 17.7 | 20.5 | 21.8 | 25.8 | 36.4 | 52.1 |
 
 So one row reads a stored transposed copy (a matrix-vector product, the plain-decoding step), and several rows go
 through oneDNN's linear with the weight pre-packed into its blocked layout (torch's own `mkldnn._linear_pointwise`,

@@ -191,17 +191,14 @@ class FastRunner:
                        as_device(tree), length)
 
     def _check_positions(self, end: int) -> None:
-        if end > self.spec.max_positions:
-            raise ValueError(f"sequence would reach {end} tokens, beyond the model's {self.spec.max_positions} "
-                             "positions")
+        check_positions(end, self.spec.max_positions)
 
     def _make_room(self, slots: int) -> None:
         if self.cache.ensure(slots) and self.graphs is not None:
             self.graphs.clear()  # the graphs hold the old cache's address
 
     def _length(self, slots: int) -> int:
-        """Slots attention scans: a power of two >= slots (at least min_length), at most the cache capacity."""
-        return min(max(pow2(slots), self.min_length), self.cache.capacity)
+        return scan_length(slots, self.min_length, self.cache.capacity)
 
     def _start_timer(self):
         if not (self.config.timing and self.device.type == "cuda"):
@@ -214,6 +211,16 @@ class FastRunner:
         if timer is not None:
             timer[1].record()
             self._events.append(timer)
+
+
+def check_positions(end: int, max_positions: int) -> None:
+    if end > max_positions:
+        raise ValueError(f"sequence would reach {end} tokens, beyond the model's {max_positions} positions")
+
+
+def scan_length(slots: int, min_length: int, capacity: int) -> int:
+    """Slots attention scans: a power of two >= slots (at least min_length), at most the cache capacity."""
+    return min(max(pow2(slots), min_length), capacity)
 
 
 def step_inputs(root: int, draft: Draft) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
