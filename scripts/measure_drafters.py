@@ -101,7 +101,7 @@ def main() -> int:
     if args.curve:  # planted in a private cache directory, never in the user's
         os.environ["LEAPDECODE_CACHE"] = tempfile.mkdtemp(prefix="leapdecode-curve-")
         ms = json.loads(Path(args.curve).read_text())
-        key = curve_key(model.name, model.device, model.dtype)
+        key = curve_key(model.name, model.device, model.dtype, model.runner_kind())
         curve = LatencyCurve(tuple(int(k) for k in ms), tuple(v / 1000 for v in ms.values()), key)
         path = curve_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,8 @@ def _register_subcommands() -> None:
     import importlib
 
     for module, name in (("leapdecode.bench.cli", "bench"), ("leapdecode.serve.cli", "serve"),
-                         ("leapdecode.trigram_cli", "build-trigrams")):
+                         ("leapdecode.trigram_cli", "build-trigrams"),
+                         ("leapdecode.distill_cli", "distill-tables")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -130,5 +131,7 @@ def _register_subcommands() -> None:
                 raise
             continue
         mod.register(app)
+
+
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 The drafter keeps a `TrigramTable` (leapdecode.drafters.trigram): for each token pair, a few weighted successors,
 with a bigram fallback for pairs it has not seen. It needs no model. Where its knowledge comes from:
 
-- an optional table built offline (`leapdecode build-trigrams`, option `table=PATH`), e.g. from text the target
-  generated itself, so the table approximates the target's own output distribution;
+- a table built offline: `leapdecode distill-tables` lets the target write a corpus and counts its tri-grams, so the
+  table approximates the target's own output distribution (shipped for the default model and used by default,
+  `table=auto`); `leapdecode build-trigrams` counts any text files (option `table=PATH`);
 - the prompt, added at `reset` with weight `prompt_weight` (adaptation to the text at hand);
 - after every step (`observe`), what the target said: the tri-grams of the emitted tokens (weight 1), and the
   target's `learn_top_k` most likely tokens at the root and at each accepted node, each with weight
@@ -47,8 +48,10 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from leapdecode.drafters.base import Draft, StepResult
+from leapdecode.drafters.shipped import AUTO, resolve_table
 from leapdecode.drafters.trigram import TrigramTable
 from leapdecode.sampling import SamplingConfig
 
@@ -70,8 +73,9 @@ class ADED:
     acceptance for a node to be drafted. top_k, cap: successors per context and most weight per context of a new
     table (a loaded table keeps its own). backoff: weight of the bigram row mixed into a pair's successors.
     prompt_weight, target_weight, learn_top_k: how much the prompt's tri-grams and the target's top predictions
-    count (see the module docstring). table: a saved table (.npz from build-trigrams), a TrigramTable (shared, and
-    updated, by this drafter) or "" for an empty one. seed: seeds the rollouts at every reset.
+    count (see the module docstring). table: a saved table (.npz from build-trigrams or distill-tables), a
+    TrigramTable (shared, and updated, by this drafter), "" for an empty one, or "auto": the table shipped for the
+    target (leapdecode.drafters.shipped; resolved by from_options), else an empty one. seed: seeds the rollouts at every reset.
     """
 
     name = "aded"
@@ -80,7 +84,7 @@ class ADED:
     def __init__(self, nodes: int = 64, simulations: int = 128, exploration: float = 1.0, rollout_depth: int = 4,
                  min_prob: float = 0.2, top_k: int = 8, cap: float = 16.0, backoff: float = 1.0,
                  prompt_weight: float = 1.0, target_weight: float = 4.0, learn_top_k: int = 4,
-                 table: str | TrigramTable = "", seed: int = 0) -> None:
+                 table: str | TrigramTable = "auto", seed: int = 0) -> None:
         _check("nodes", _is_int(nodes) and 0 <= nodes <= 1024, "an integer in [0, 1024]", nodes)
         _check("simulations", _is_int(simulations) and 1 <= simulations <= 100_000, "an integer in [1, 100000]",
                simulations)
@@ -96,9 +100,11 @@ class ADED:
         if isinstance(table, TrigramTable):
             self.table = table
         elif isinstance(table, str):
-            self.table = TrigramTable.load(table) if table else TrigramTable(top_k=top_k, cap=cap)
+            empty = not table or table.strip().lower() == AUTO  # "auto" without a target (see from_options)
+            self.table = TrigramTable(top_k=top_k, cap=cap) if empty else TrigramTable.load(table)
         else:
-            raise ValueError(f"table must be a path to a saved tri-gram table, a TrigramTable or '', got {table!r}")
+            raise ValueError(f"table must be a path to a saved tri-gram table, a TrigramTable, 'auto' or '', got "
+                             f"{table!r}")
         self.nodes, self.simulations, self.exploration = nodes, simulations, float(exploration)
         self.rollout_depth, self.min_prob, self.backoff = rollout_depth, float(min_prob), float(backoff)
         self.prompt_weight, self.target_weight, self.learn_top_k = float(prompt_weight), float(target_weight), \
@@ -107,6 +113,13 @@ class ADED:
         self.rng = random.Random(seed)
         self._pair = (-1, -1)  # the context's last two tokens at the last propose (a = -1 when there is one token)
         self._clear_counters()
+
+    @classmethod
+    def from_options(cls, kwargs: dict, target: Any = None, **context: Any) -> ADED:
+        """Registry entry: table "auto" (the default) becomes the tri-gram table shipped for the target, if any."""
+        kwargs = dict(kwargs)
+        kwargs["table"] = resolve_table(kwargs.get("table", AUTO), target, "trigrams.npz")
+        return cls(**kwargs)
 
     # ------------------------------------------------------------------ Drafter protocol
 

@@ -33,6 +33,7 @@ from leapdecode.budget import LatencyCurve, cached_latency_curve
 from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.drafters.pld import PromptLookup, continuation, find_match
 from leapdecode.drafters.recycling import PRIOR_STEPS, TokenRecycling, _check_int
+from leapdecode.drafters.shipped import AUTO, resolve_table
 from leapdecode.sampling import SamplingConfig
 
 # prior P(chain node d is right | node d - 1 was right) for a match of length n = 1, 2, 3, 4+ (before any evidence)
@@ -125,7 +126,7 @@ class Hybrid:
     description = "hybrid: prompt-lookup copy chain plus the token recycling tree, nodes kept by estimated acceptance"
 
     def __init__(self, max_ngram: int = 4, max_chain: int = 32, top_k: int = 8, template: Any = None,
-                 tree_budget: Any = "auto", table_path: str = "", vocab_size: int = 0, update: str = "all",
+                 tree_budget: Any = "auto", table_path: str = "auto", vocab_size: int = 0, update: str = "all",
                  latency_curve: LatencyCurve | None = None) -> None:
         """max_ngram: longest suffix matched for the copy chain (longer matches are more reliable);
         max_chain: longest copy chain drafted. tree_budget: "auto" (with a latency curve: per step, the size that
@@ -152,12 +153,14 @@ class Hybrid:
 
     @classmethod
     def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any) -> Hybrid:
-        """Registry entry: like TokenRecycling, measure or load the target's latency curve for tree_budget=auto."""
+        """Registry entry: like TokenRecycling, measure or load the target's latency curve for tree_budget=auto and
+        start from the table shipped for the target when table_path is "auto"."""
         kwargs = dict(kwargs)
         if target is not None:
             kwargs.setdefault("vocab_size", target.vocab_size)
             if str(kwargs.get("tree_budget", "auto")).strip().lower() == "auto":
                 kwargs["latency_curve"] = cached_latency_curve(target)
+        kwargs["table_path"] = resolve_table(kwargs.get("table_path", AUTO), target, "recycling.pt")
         return cls(**kwargs)
 
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:

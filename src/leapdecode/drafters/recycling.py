@@ -38,6 +38,7 @@ import torch
 
 from leapdecode.budget import LatencyCurve, cached_latency_curve, choose_budget
 from leapdecode.drafters.base import Draft, StepResult
+from leapdecode.drafters.shipped import AUTO, resolve_table
 from leapdecode.sampling import SamplingConfig
 
 TABLE_FORMAT = 1
@@ -205,6 +206,33 @@ class RecyclingTable:
         keep = rows.shape[0] - 1 - last_from_end  # [u]
         self.table[rows[keep], :k] = top[keep]
 
+    @classmethod
+    def from_predictions(cls, tokens: np.ndarray, top: np.ndarray, probs: np.ndarray, vocab_size: int,
+                         top_k: int = 8) -> RecyclingTable:
+        """A warm table from the target's predictions over a corpus (leapdecode.distill): tokens [P] the token at
+        each position, top [P, k'] and probs [P, k'] the target's most likely next tokens there and their
+        probabilities. Row t keeps the top_k successors with the most probability summed over t's occurrences
+        (the online rule keeps only the latest occurrence; over a corpus the sum is the better prior)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)  # [P]
+        top, probs = np.asarray(top, dtype=np.int64), np.asarray(probs, dtype=np.float64)  # [P, k']
+        if top.shape != probs.shape or top.ndim != 2 or top.shape[0] != tokens.shape[0]:
+            raise ValueError(f"tokens [P], top [P, k] and probs [P, k] disagree: {tokens.shape}, {top.shape}, "
+                             f"{probs.shape}")
+        if tokens.size and (min(tokens.min(), top.min()) < 0 or max(tokens.max(), top.max()) >= vocab_size):
+            raise ValueError(f"token ids must be in [0, {vocab_size})")
+        table = cls(top_k, vocab_size)
+        pairs = (np.repeat(tokens, top.shape[1]) * vocab_size + top.reshape(-1))  # [P * k'] token * V + successor
+        keys, inverse = np.unique(pairs, return_inverse=True)
+        mass = np.bincount(inverse, weights=probs.reshape(-1))  # [U] summed probability per (token, successor)
+        row, succ = keys // vocab_size, keys % vocab_size
+        order = np.lexsort((-mass, row))  # by token, heaviest successor first
+        row, succ = row[order], succ[order]
+        starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+        rank = np.arange(row.size) - np.repeat(starts, np.diff(np.r_[starts, row.size]))
+        keep = rank < top_k
+        table.table[row[keep], rank[keep]] = succ[keep]
+        return table
+
     def filled_rows(self) -> int:
         return 0 if self.table is None else int((self.table[:, 0] >= 0).sum())
 
@@ -276,7 +304,7 @@ class TokenRecycling:
     name = "recycling"
     description = "token recycling: adjacency table of the target's top-k next tokens, expanded along a tree template"
 
-    def __init__(self, top_k: int = 8, template: Any = None, tree_budget: Any = "auto", table_path: str = "",
+    def __init__(self, top_k: int = 8, template: Any = None, tree_budget: Any = "auto", table_path: str = "auto",
                  vocab_size: int = 0, update: str = "all", latency_curve: LatencyCurve | None = None) -> None:
         """
         top_k: width of the table (entries remembered per token).
@@ -284,7 +312,8 @@ class TokenRecycling:
             6-level template built from DEFAULT_RANK_ACCEPTANCE.
         tree_budget: "auto" = choose the size from `latency_curve` (the whole template when there is none), or an
             integer cap on the nodes per step (pruned by estimated acceptance).
-        table_path: a saved table to start from (warm start across processes); "" = start empty.
+        table_path: a saved table to start from (warm start across processes); "" = start empty; "auto" = the
+            table shipped for the target (leapdecode.drafters.shipped; from_options knows the target), else empty.
         vocab_size: the target's vocabulary size; 0 = learn it from the first logits seen.
         update: "all" = after a step overwrite the rows of every verified node's token (rejected ones too);
             "path" = only the root and the accepted path overwrite rows, rejected nodes only fill empty rows.
@@ -314,7 +343,7 @@ class TokenRecycling:
         self.update = update
         self.template = TreeTemplate(paths, top_k)
         self.table = RecyclingTable(top_k, vocab_size or None)
-        if table_path:
+        if table_path and table_path.strip().lower() != AUTO:
             self.table.load(table_path)
         self.auto = isinstance(tree_budget, str)
         self.latency_curve = latency_curve
@@ -329,12 +358,14 @@ class TokenRecycling:
     @classmethod
     def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any) -> TokenRecycling:
         """Registry entry: with tree_budget "auto" and a loaded target, measure (or read the cached) latency curve
-        of the target on its device, so the tree size fits this hardware."""
+        of the target on its device, so the tree size fits this hardware; table_path "auto" becomes the table
+        shipped for the target, if any."""
         kwargs = dict(kwargs)
         if target is not None:
             kwargs.setdefault("vocab_size", target.vocab_size)
             if str(kwargs.get("tree_budget", "auto")).strip().lower() == "auto":
                 kwargs["latency_curve"] = cached_latency_curve(target)
+        kwargs["table_path"] = resolve_table(kwargs.get("table_path", AUTO), target, "recycling.pt")
         return cls(**kwargs)
 
     # -------------------------------------------------------------------------------------------- protocol

@@ -1,0 +1,48 @@
+"""Drafter tables shipped with leapdecode for known targets, so table drafters start warm.
+
+`recycling`, `hybrid` and `aded` learn tables while they decode; a table distilled from the target beforehand
+(`leapdecode distill-tables`, module leapdecode.distill) makes them draft well from the first request. The tables
+for a target live in `shipped_tables/<fingerprint>/` beside this module, where the fingerprint identifies the
+target by its tokenizer's vocabulary and its shape (however it was loaded: preset, .gguf file or directory). A
+table of another model with the same tokenizer would still be lossless (tables only decide what is drafted), just
+less useful.
+
+The drafters' table options take "auto" (the default): the shipped table when the target has one, else an empty
+table; "" for an empty table; or a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+SHIPPED_DIR = Path(__file__).with_name("shipped_tables")
+AUTO = "auto"
+
+
+def target_fingerprint(model: Any) -> str:
+    """sha256 of the tokenizer's (token, id) pairs and the model's hidden size and layer count, 16 hex digits."""
+    config = model.hf_model.config
+    text_config = getattr(config, "text_config", None) or config
+    vocab = sorted(model.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    shape = [int(model.vocab_size), int(getattr(text_config, "hidden_size", 0)),
+             int(getattr(text_config, "num_hidden_layers", 0))]
+    digest = hashlib.sha256(json.dumps([vocab, shape], ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def shipped_table(model: Any, filename: str) -> str:
+    """Path of the shipped `filename` (recycling.pt, trigrams.npz) for this target, or "" when there is none."""
+    if model is None or getattr(model, "tokenizer", None) is None:
+        return ""
+    path = SHIPPED_DIR / target_fingerprint(model) / filename
+    return str(path) if path.is_file() else ""
+
+
+def resolve_table(spec: str, target: Any, filename: str) -> str:
+    """A table option's value as a path: "auto" becomes the shipped table for `target` (or "" without one)."""
+    if isinstance(spec, str) and spec.strip().lower() == AUTO:
+        return shipped_table(target, filename)
+    return spec

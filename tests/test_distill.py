@@ -1,0 +1,162 @@
+"""Distilled drafter tables: the corpus the target writes, its predictions, the tables built from them, the shipped
+tables for the default model and the `distill-tables` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from leapdecode.distill import (ON_PASSAGE, corpus_prompts, generate_corpus, target_predictions, with_passages)
+from leapdecode.distill_cli import register
+from leapdecode.drafters.recycling import RecyclingTable
+from leapdecode.drafters.registry import make_drafter
+from leapdecode.drafters.shipped import SHIPPED_DIR, resolve_table, shipped_table, target_fingerprint
+
+QUESTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def test_recycling_table_from_predictions_sums_probability_per_successor():
+    # token 3 is seen three times: successors 7 (0.5 + 0.5 = 1.0), 8 (0.3 + 0.2 = 0.5: summed, it passes 9's
+    # single 0.4), 9 (0.4), 1 (0.05, dropped at top_k = 3); token 5 once
+    tokens = np.array([3, 3, 3, 5])
+    top = np.array([[7, 9], [8, 7], [8, 1], [2, 4]])
+    probs = np.array([[0.5, 0.4], [0.3, 0.5], [0.2, 0.05], [0.9, 0.1]])
+    table = RecyclingTable.from_predictions(tokens, top, probs, vocab_size=10, top_k=3)
+    assert table.table[3].tolist() == [7, 8, 9]
+    assert table.table[5].tolist() == [2, 4, -1]  # fewer successors than top_k: the rest stay empty
+    assert table.filled_rows() == 2 and (table.table[[0, 1, 2, 4, 6, 7, 8, 9]] == -1).all()
+    narrow = RecyclingTable.from_predictions(tokens, top, probs, vocab_size=10, top_k=1)
+    assert narrow.table[3].tolist() == [7]
+
+
+def test_recycling_table_from_predictions_round_trips_and_checks_input(tmp_path):
+    table = RecyclingTable.from_predictions(np.array([1, 2]), np.array([[2, 3], [1, 0]]),
+                                            np.array([[0.6, 0.3], [0.7, 0.2]]), vocab_size=4, top_k=2)
+    table.save(tmp_path / "t.pt")
+    loaded = RecyclingTable(2, 4)
+    loaded.load(tmp_path / "t.pt")  # load() rejects repeated siblings and out-of-range ids: none here
+    assert (loaded.table == table.table).all()
+    with pytest.raises(ValueError, match="disagree"):
+        RecyclingTable.from_predictions(np.array([1]), np.array([[2, 3]]), np.array([[0.5]]), vocab_size=4)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        RecyclingTable.from_predictions(np.array([1]), np.array([[2, 9]]), np.array([[0.5, 0.1]]), vocab_size=4)
+
+
+def test_corpus_prompts_are_deterministic_and_not_benchmark_questions():
+    passages, prompts = corpus_prompts(seed=0)
+    assert (passages, prompts) == corpus_prompts(seed=0)
+    assert corpus_prompts(seed=1)[1] != prompts  # the arithmetic varies with the seed
+    assert len(set(prompts)) > 0.95 * len(prompts) and len(passages) >= 50
+    tasks = with_passages(["First text.", "", "Third text."])
+    assert len(tasks) == 2 * len(ON_PASSAGE)  # an empty passage gets no tasks
+    assert all("First text." in t or "Third text." in t for t in tasks)
+    if QUESTIONS.is_file():  # the benchmark's questions must not leak into the distillation corpus
+        turns = {t.strip() for line in QUESTIONS.read_text().splitlines() if line.strip()
+                 for t in json.loads(line)["turns"]}
+        assert not turns & set(passages + prompts)
+
+
+@pytest.mark.real
+def test_generate_corpus_pads_batches_without_changing_answers(smollm2):
+    prompts = ["Name a color.", "Write one sentence about the history of the printing press in Europe."]
+    batched = generate_corpus(smollm2, prompts, max_new_tokens=8, batch_size=2)
+    alone = [generate_corpus(smollm2, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    for prompt, (prompt_ids, answer) in zip(prompts, batched):
+        assert prompt_ids == smollm2.encode(prompt) and 0 < len(answer) <= 8
+        assert not set(answer) & set(smollm2.eos_token_ids)
+
+
+@pytest.mark.real
+def test_target_predictions_of_greedy_answers_rank_the_answer_first(smollm2):
+    pairs = generate_corpus(smollm2, ["Say hello.", "Count from one to five."], max_new_tokens=6, batch_size=2)
+    predictions = target_predictions(smollm2, pairs, top_k=4, batch_size=2)
+    # one row per answer token: the last prompt token, then every answer token but the last
+    expected_tokens = [t for p, a in pairs for t in [p[-1]] + a[:-1]]
+    assert predictions.tokens.tolist() == expected_tokens
+    # the answers are greedy, so the target's most likely next token is the answer's next token
+    assert predictions.top[:, 0].tolist() == [t for _, a in pairs for t in a]
+    assert predictions.top.shape == predictions.probs.shape == (len(expected_tokens), 4)
+    assert (np.diff(predictions.probs, axis=1) <= 1e-7).all() and (predictions.probs.sum(1) <= 1 + 1e-5).all()
+
+
+@pytest.mark.real
+def test_shipped_tables_are_found_for_the_default_model(smollm2):
+    fingerprint = target_fingerprint(smollm2)
+    assert (SHIPPED_DIR / fingerprint / "recycling.pt").is_file()
+    assert shipped_table(smollm2, "recycling.pt").endswith(f"{fingerprint}/recycling.pt")
+    assert shipped_table(smollm2, "nope.npz") == "" and resolve_table("auto", None, "recycling.pt") == ""
+    assert resolve_table("/some/path.pt", smollm2, "recycling.pt") == "/some/path.pt"
+    hybrid = make_drafter("hybrid", {"tree_budget": "8"}, target=smollm2)
+    assert hybrid.recycling.table.filled_rows() > 10_000  # warm from the first request
+    empty = make_drafter("hybrid", {"tree_budget": "8", "table_path": ""}, target=smollm2)
+    assert empty.recycling.table.filled_rows() == 0
+    aded = make_drafter("aded", {}, target=smollm2)
+    assert len(aded.table) > 100_000
+
+
+def test_fingerprint_distinguishes_tokenizers_and_shapes(tiny_models):
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    class Fake:
+        def __init__(self, model, vocab):
+            self.hf_model, self.tokenizer, self.vocab_size = model.hf_model, Tok(vocab), model.vocab_size
+
+    llama, qwen = tiny_models["llama"], tiny_models["qwen2"]
+    a = {f"t{i}": i for i in range(64)}
+    b = {f"u{i}": i for i in range(64)}
+    assert target_fingerprint(Fake(llama, a)) == target_fingerprint(Fake(llama, dict(a)))
+    assert target_fingerprint(Fake(llama, a)) != target_fingerprint(Fake(llama, b))
+    if llama.hf_model.config.num_hidden_layers != qwen.hf_model.config.num_hidden_layers or \
+            llama.hf_model.config.hidden_size != qwen.hf_model.config.hidden_size:
+        assert target_fingerprint(Fake(llama, a)) != target_fingerprint(Fake(qwen, a))
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        pass
+
+    register(app)
+    return app
+
+
+def test_distill_tables_rejects_bad_options(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(_app(), ["distill-tables", "--out", str(tmp_path / "o"), "--batch-size", "0"])
+    assert bad.exit_code == 2 and "--batch-size" in bad.output
+    (tmp_path / "file").write_text("x")
+    not_dir = runner.invoke(_app(), ["distill-tables", "--out", str(tmp_path / "file")])
+    assert not_dir.exit_code == 2 and "not a directory" in not_dir.output
+    unknown = runner.invoke(_app(), ["distill-tables", "--out", str(tmp_path / "o"), "--model", "no-such-model"])
+    assert unknown.exit_code == 2 and "no-such-model" in unknown.output
+
+
+@pytest.mark.real
+def test_distill_tables_writes_loadable_tables(tmp_path, smollm2):
+    out = tmp_path / "tables"
+    result = CliRunner().invoke(_app(), ["distill-tables", "--out", str(out), "--limit", "1", "-n", "4",
+                                         "--samples", "1", "--batch-size", "2", "--top-k", "4", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3  # one passage, one prompt, one passage task; greedy and one sampled answer each
+    assert all(0 < len(r["answer_ids"]) <= 4 and r["prompt"] for r in rows)
+    meta = json.loads((out / "target.json").read_text())
+    assert meta["fingerprint"] == target_fingerprint(smollm2) and meta["answers"] == 6
+    recycling = make_drafter("recycling", {"table_path": str(out / "recycling.pt"), "top_k": "4"}, target=smollm2)
+    assert recycling.table.filled_rows() > 0
+    aded = make_drafter("aded", {"table": str(out / "trigrams.npz")}, target=smollm2)
+    first = rows[0]["answer_ids"]
+    assert aded.table.row(-1, first[0])  # the answer's bigrams were counted
