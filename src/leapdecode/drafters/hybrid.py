@@ -8,7 +8,8 @@ right for a token or three almost everywhere, never for long. So every step prop
 - Each candidate node has an estimated probability of being accepted. Template nodes: from their acceptance counts
   (TreeTemplate.estimates). Copy-chain nodes: from how often a chain of the same match length n was right for d
   tokens, learned every step from the emitted tokens whether or not the chain was drafted (a chain node is
-  accepted exactly when the chain agrees with the emitted continuation up to it). Deeper nodes are never more
+  accepted exactly when the chain agrees with the emitted continuation up to it), pooled with how the chains of
+  the current request did in its last few steps (copying comes in spells; `chain_memory`). Deeper nodes are never more
   likely than shallower ones in either list.
 - The draft keeps the most likely nodes of both lists together. Its size is the loop's budget, or `tree_budget`,
   or with a latency curve (tree_budget="auto") the size that maximises expected tokens per second for *this* step:
@@ -38,6 +39,8 @@ from leapdecode.sampling import SamplingConfig
 
 # prior P(chain node d is right | node d - 1 was right) for a match of length n = 1, 2, 3, 4+ (before any evidence)
 CHAIN_PRIOR = (0.3, 0.45, 0.6, 0.7)
+RECENT_PRIOR = 4.0  # weight of the long-run rate against a request's recent chain evidence, in observations
+MAX_RATE = 0.98  # a chain node is never taken for certain
 
 
 def merge_chain_and_tree(chain: Sequence[int], tokens: Sequence[int], parents: Sequence[int],
@@ -82,12 +85,19 @@ class ChainStats:
     """P(the first d tokens of a copy chain are right), per match length n, as a product of per-depth survival
     rates: rate(n, d) = P(token d right | tokens < d right). Each step gives evidence up to the first disagreement
     between the chain and the emitted tokens; when the chain agreed with all of them, the depths beyond are
-    unknown and not counted (censored), which keeps the rates unbiased."""
+    unknown and not counted (censored), which keeps the rates unbiased.
 
-    def __init__(self, max_ngram: int, max_chain: int) -> None:
+    Copying comes in spells: an answer that quotes its prompt copies for many steps in a row, then writes fresh text.
+    So the rates also follow the current request: with `memory` > 0, the request's recent chain evidence (any n and
+    depth, counts decayed by `memory` per step: ~1 / (1 - memory) steps remembered) is pooled with the long-run
+    rate, which acts as a prior worth RECENT_PRIOR observations. memory = 0 uses the long-run rates alone."""
+
+    def __init__(self, max_ngram: int, max_chain: int, memory: float = 0.0) -> None:
         self.max_chain = max_chain
+        self.memory = memory
         self.at_risk = np.zeros((max_ngram + 1, max_chain))  # [n, d] steps whose outcome at depth d + 1 is known
         self.survived = np.zeros((max_ngram + 1, max_chain))  # [n, d] of those, chain right up to depth d + 1
+        self.recent_at_risk = self.recent_survived = 0.0  # this request's decayed counts over all n and depths
         self._prior = np.array([CHAIN_PRIOR[min(n, len(CHAIN_PRIOR)) - 1] if n else 0.0
                                 for n in range(max_ngram + 1)])  # [n]
         self._probs: np.ndarray | None = None
@@ -95,8 +105,10 @@ class ChainStats:
     def probs(self, n: int) -> np.ndarray:
         """[max_chain] P(chain node d + 1 is accepted) for a match of length n, non-increasing in d."""
         if self._probs is None:
-            rates = (self.survived + PRIOR_STEPS * self._prior[:, None]) / (self.at_risk + PRIOR_STEPS)
-            self._probs = np.cumprod(rates, axis=1)  # [n, d]
+            rates = (self.survived + PRIOR_STEPS * self._prior[:, None]) / (self.at_risk + PRIOR_STEPS)  # [n, d]
+            if self.memory > 0.0:
+                rates = (self.recent_survived + RECENT_PRIOR * rates) / (self.recent_at_risk + RECENT_PRIOR)
+            self._probs = np.cumprod(np.minimum(rates, MAX_RATE), axis=1)  # [n, d]
         return self._probs[n]
 
     def record(self, n: int, chain: Sequence[int], emitted: Sequence[int]) -> None:
@@ -106,6 +118,14 @@ class ChainStats:
         known = len(chain) if agree < len(emitted) else agree  # censored past the emitted tokens
         self.at_risk[n, :known] += 1
         self.survived[n, :agree] += 1
+        if self.memory > 0.0:
+            self.recent_at_risk = self.memory * self.recent_at_risk + min(known, agree + 1)
+            self.recent_survived = self.memory * self.recent_survived + agree
+        self._probs = None
+
+    def new_request(self) -> None:
+        """Forget the recent evidence (a new request); the long-run rates stay."""
+        self.recent_at_risk = self.recent_survived = 0.0
         self._probs = None
 
 
@@ -127,15 +147,19 @@ class Hybrid:
 
     def __init__(self, max_ngram: int = 4, max_chain: int = 32, top_k: int = 8, template: Any = None,
                  tree_budget: Any = "auto", table_path: str = "auto", vocab_size: int = 0, update: str = "all",
-                 latency_curve: LatencyCurve | None = None) -> None:
+                 chain_memory: float = 0.9, latency_curve: LatencyCurve | None = None) -> None:
         """max_ngram: longest suffix matched for the copy chain (longer matches are more reliable);
-        max_chain: longest copy chain drafted. tree_budget: "auto" (with a latency curve: per step, the size that
+        max_chain: longest copy chain drafted. chain_memory: decay per step of the request's recent chain evidence
+        (0 = long-run statistics alone; see ChainStats). tree_budget: "auto" (with a latency curve: per step, the size that
         maximises expected tokens per second; without one: the recycling template plus the chain) or an integer
         cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
         _check_int("max_ngram", max_ngram, 1, 16)
         _check_int("max_chain", max_chain, 1, 256)
         self.lookup = _Lookup(max_ngram=max_ngram, min_ngram=1, num_draft_tokens=max_chain)
-        self.chain_stats = ChainStats(max_ngram, max_chain)
+        if not isinstance(chain_memory, (int, float)) or isinstance(chain_memory, bool) or \
+                not 0.0 <= chain_memory < 1.0:
+            raise ValueError(f"chain_memory must be a number in [0, 1), got {chain_memory!r}")
+        self.chain_stats = ChainStats(max_ngram, max_chain, float(chain_memory))
         self.max_chain = max_chain
         self.recycling = TokenRecycling(top_k=top_k, template=template, tree_budget=tree_budget,
                                         table_path=table_path, vocab_size=vocab_size, update=update,
@@ -164,10 +188,11 @@ class Hybrid:
         return cls(**kwargs)
 
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:
-        """New request: the copy index restarts from the prompt; the recycling table and all acceptance
-        statistics are kept (warm start)."""
+        """New request: the copy index and the recent chain evidence restart; the recycling table and the
+        long-run acceptance statistics are kept (warm start)."""
         self.lookup.reset(prompt, sampling)
         self.recycling.reset(prompt, sampling)
+        self.chain_stats.new_request()
         self._match, self._chain_nodes, self._origin, self._last_draft = (0, []), [], {}, None
 
     def propose(self, context: Sequence[int], budget: int) -> Draft:
