@@ -52,13 +52,14 @@ def questions(path: Path, per_category: int, categories: list[str] | None, skip:
 
 
 class SizeRecorder:
-    """A target runner that notes the draft size of every verify (for the modelled time), otherwise the runner."""
+    """A target runner that notes the rows of every verify beyond the root (draft nodes plus any auxiliary rows,
+    e.g. Lookahead's Jacobi window) for the modelled time; otherwise the runner."""
 
     def __init__(self, runner) -> None:
         self.runner, self.sizes = runner, []
 
     def verify(self, root, draft):
-        self.sizes.append(draft.n)
+        self.sizes.append(draft.n + (0 if draft.aux_tokens is None else int(draft.aux_tokens.numel())))
         return self.runner.verify(root, draft)
 
     def __getattr__(self, name):

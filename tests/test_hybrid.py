@@ -90,6 +90,40 @@ def test_chain_stats_learn_reliable_long_matches():
     assert stats.probs(4)[7] > 0.8 and stats.probs(1)[0] < 0.03
 
 
+def test_chain_stats_follow_a_spell_of_copying():
+    # long-run evidence: 4-gram chains are wrong at once; then the request starts quoting its prompt and the chain
+    # is right for 8 tokens at each of 10 steps. The long-run rate alone hardly moves (10 of 210 steps); pooled
+    # with the decayed recent evidence the chain is worth drafting deep, until the next request
+    spell = ChainStats(max_ngram=4, max_chain=8, memory=0.9)
+    steady = ChainStats(max_ngram=4, max_chain=8, memory=0.0)
+    for stats in (spell, steady):
+        for _ in range(200):
+            stats.record(4, list(range(8)), [99])
+        for _ in range(10):
+            stats.record(4, list(range(8)), list(range(8)) + [99])
+    assert steady.probs(4)[3] < 0.01
+    recent = spell.recent_survived / spell.recent_at_risk  # the failures before the spell have faded
+    assert recent > 0.9
+    assert spell.probs(4)[3] > 0.5 and spell.probs(4)[7] > 0.3
+    assert all(a >= b for a, b in zip(spell.probs(4), spell.probs(4)[1:]))
+    spell.new_request()
+    assert spell.probs(4)[3] == pytest.approx(steady.probs(4)[3])  # the long-run rates stay
+
+
+def test_chain_stats_recent_evidence_counts_tried_positions_only():
+    stats = ChainStats(max_ngram=2, max_chain=6, memory=0.5)
+    stats.record(2, [1, 2, 3, 4], [1, 2, 9])  # right, right, wrong: 3 positions tried, 2 right
+    assert (stats.recent_at_risk, stats.recent_survived) == (3, 2)
+    stats.record(2, [1, 2, 3, 4], [1])  # agreed with the one emitted token, the rest unknown: 1 tried, 1 right
+    assert (stats.recent_at_risk, stats.recent_survived) == (0.5 * 3 + 1, 0.5 * 2 + 1)
+
+
+@pytest.mark.parametrize("memory", [-0.1, 1.0, "x", True])
+def test_hybrid_rejects_a_bad_chain_memory(memory):
+    with pytest.raises(ValueError, match="chain_memory"):
+        Hybrid(chain_memory=memory)
+
+
 # ---------------------------------------------------------------- drafts
 
 

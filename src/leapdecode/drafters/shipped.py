@@ -15,22 +15,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
 SHIPPED_DIR = Path(__file__).with_name("shipped_tables")
 AUTO = "auto"
+# hf_model -> (tokenizer, fingerprint): computing one takes ~0.2 s, and a server builds a drafter per request
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def target_fingerprint(model: Any) -> str:
-    """sha256 of the tokenizer's (token, id) pairs and the model's hidden size and layer count, 16 hex digits."""
+    """sha256 of the tokenizer's (token, id) pairs and the model's hidden size and layer count, 16 hex digits.
+    Remembered per loaded model (a server builds a drafter per request)."""
+    try:
+        tokenizer, digest = _FINGERPRINTS[model.hf_model]
+        if tokenizer is model.tokenizer:
+            return digest
+    except (KeyError, TypeError):
+        pass
     config = model.hf_model.config
     text_config = getattr(config, "text_config", None) or config
     vocab = sorted(model.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     shape = [int(model.vocab_size), int(getattr(text_config, "hidden_size", 0)),
              int(getattr(text_config, "num_hidden_layers", 0))]
-    digest = hashlib.sha256(json.dumps([vocab, shape], ensure_ascii=False).encode("utf-8"))
-    return digest.hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([vocab, shape], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    try:
+        _FINGERPRINTS[model.hf_model] = (model.tokenizer, digest)
+    except TypeError:  # not weak-referenceable: compute again next time
+        pass
+    return digest
 
 
 def shipped_table(model: Any, filename: str) -> str:
