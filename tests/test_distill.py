@@ -11,9 +11,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from leapdecode.distill import (ON_PASSAGE, corpus_prompts, generate_corpus, target_predictions, with_passages)
+from leapdecode.distill import (ON_PASSAGE, PASSAGE, TOPICS, corpus_prompts, generate_corpus, target_predictions,
+                                with_passages)
 from leapdecode.distill_cli import register
-from leapdecode.drafters.recycling import RecyclingTable
+from leapdecode.drafters.aded import ADED
+from leapdecode.drafters.hybrid import Hybrid
+from leapdecode.drafters.recycling import RecyclingTable, TokenRecycling
 from leapdecode.drafters.registry import make_drafter
 from leapdecode.drafters.shipped import SHIPPED_DIR, resolve_table, shipped_table, target_fingerprint
 
@@ -75,8 +78,12 @@ def test_generate_corpus_pads_batches_without_changing_answers(smollm2):
 @pytest.mark.real
 def test_target_predictions_of_greedy_answers_rank_the_answer_first(smollm2):
     pairs = generate_corpus(smollm2, ["Say hello.", "Count from one to five."], max_new_tokens=6, batch_size=2)
-    predictions = target_predictions(smollm2, pairs, top_k=4, batch_size=2)
-    # one row per answer token: the last prompt token, then every answer token but the last
+    predictions = target_predictions(smollm2, pairs, top_k=4)
+    one_by_one = target_predictions(smollm2, pairs, top_k=4, tokens_per_batch=1)  # one sequence per forward
+    assert one_by_one.tokens.tolist() == predictions.tokens.tolist()
+    assert one_by_one.top[:, 0].tolist() == predictions.top[:, 0].tolist()
+    # one row per answer token: the last prompt token, then every answer token but the last (shortest first)
+    pairs = sorted(pairs, key=lambda pa: len(pa[0]) + len(pa[1]))
     expected_tokens = [t for p, a in pairs for t in [p[-1]] + a[:-1]]
     assert predictions.tokens.tolist() == expected_tokens
     # the answers are greedy, so the target's most likely next token is the answer's next token
@@ -108,18 +115,56 @@ def test_fingerprint_distinguishes_tokenizers_and_shapes(tiny_models):
         def get_vocab(self):
             return dict(self.vocab)
 
-    class Fake:
-        def __init__(self, model, vocab):
-            self.hf_model, self.tokenizer, self.vocab_size = model.hf_model, Tok(vocab), model.vocab_size
+    class Config:
+        def __init__(self, hidden, layers):
+            self.hidden_size, self.num_hidden_layers = hidden, layers
 
-    llama, qwen = tiny_models["llama"], tiny_models["qwen2"]
+    class Hf:
+        def __init__(self, hidden, layers):
+            self.config = Config(hidden, layers)
+
+    class Fake:
+        def __init__(self, vocab, hidden=64, layers=2):
+            self.hf_model, self.tokenizer, self.vocab_size = Hf(hidden, layers), Tok(vocab), len(vocab)
+
     a = {f"t{i}": i for i in range(64)}
     b = {f"u{i}": i for i in range(64)}
-    assert target_fingerprint(Fake(llama, a)) == target_fingerprint(Fake(llama, dict(a)))
-    assert target_fingerprint(Fake(llama, a)) != target_fingerprint(Fake(llama, b))
-    if llama.hf_model.config.num_hidden_layers != qwen.hf_model.config.num_hidden_layers or \
-            llama.hf_model.config.hidden_size != qwen.hf_model.config.hidden_size:
-        assert target_fingerprint(Fake(llama, a)) != target_fingerprint(Fake(qwen, a))
+    assert target_fingerprint(Fake(a)) == target_fingerprint(Fake(dict(a)))
+    assert target_fingerprint(Fake(a)) != target_fingerprint(Fake(b))
+    assert target_fingerprint(Fake(a)) != target_fingerprint(Fake(a, hidden=128))
+    assert target_fingerprint(Fake(a)) != target_fingerprint(Fake(a, layers=3))
+    # remembered per loaded model, but never across tokenizers
+    hf = Hf(64, 2)
+    first, second = Fake(a), Fake(b)
+    first.hf_model = second.hf_model = hf
+    assert target_fingerprint(first) != target_fingerprint(second)
+
+
+def test_auto_without_a_target_is_an_empty_table():
+    assert TokenRecycling().table.filled_rows() == 0
+    assert Hybrid().recycling.table.filled_rows() == 0
+    assert len(ADED().table) == 0
+
+
+@pytest.mark.real
+def test_auto_tables_adapt_to_the_options(smollm2, tmp_path):
+    # a wider recycling table than the shipped one (8 ranks): the shipped ranks fill the first columns
+    wide = make_drafter("recycling", {"top_k": "16", "tree_budget": "8"}, target=smollm2)
+    assert wide.table.table.shape[1] == 16 and wide.table.filled_rows() > 10_000
+    assert (wide.table.table[:, 8:] == -1).all()
+    wide.save(tmp_path / "wide.pt")
+    from_path = TokenRecycling(top_k=16, table_path=tmp_path / "wide.pt")  # a Path works as well as a str
+    assert (from_path.table.table == wide.table.table).all()
+    # ADED keeps a loaded table's own top_k and cap: asking for others gives an empty table of that shape
+    small = make_drafter("aded", {"top_k": "4"}, target=smollm2)
+    assert len(small.table) == 0 and small.table.top_k == 4
+    # each drafter gets its own copy of the shipped tri-grams: one learning does not change another
+    one, two = make_drafter("aded", {}, target=smollm2), make_drafter("aded", {}, target=smollm2)
+    assert one.table is not two.table and one.table.keys is not two.table.keys
+    before = len(two.table)
+    one.reset([7, 7, 7, 123, 456, 789, 7, 7, 7])
+    one.table.add(40000, 40001, 40002)
+    assert len(two.table) == before and not two.table.row(40000, 40001)
 
 
 def _app() -> typer.Typer:
@@ -152,7 +197,13 @@ def test_distill_tables_writes_loadable_tables(tmp_path, smollm2):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 3  # one passage, one prompt, one passage task; greedy and one sampled answer each
-    assert all(0 < len(r["answer_ids"]) <= 4 and r["prompt"] for r in rows)
+    assert all(0 < len(r["answer_ids"]) <= 4 for r in rows)
+    # rows are labelled with their own prompts: passage, prompt, passage task; then the same three sampled
+    assert rows[0]["prompt"] == PASSAGE.format(topic=TOPICS[0]) and rows[1]["prompt"] == corpus_prompts(0)[1][0]
+    assert rows[2]["prompt"].startswith(ON_PASSAGE[0].split("{")[0])
+    assert [r["prompt"] for r in rows[3:]] == [r["prompt"] for r in rows[:3]]
+    assert [r["sampled"] for r in rows] == [False] * 3 + [True] * 3
+    assert all(r["prompt_ids"] == smollm2.encode(r["prompt"]) for r in rows)
     meta = json.loads((out / "target.json").read_text())
     assert meta["fingerprint"] == target_fingerprint(smollm2) and meta["answers"] == 6
     recycling = make_drafter("recycling", {"table_path": str(out / "recycling.pt"), "top_k": "4"}, target=smollm2)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
 TOPICS = (
     "renewable energy", "the water cycle", "machine learning", "the Roman Empire", "climate change", "photosynthesis",
@@ -133,6 +134,12 @@ def generate_corpus(model, prompts: Sequence[str], max_new_tokens: int = 256, ba
     hf, tok = model.hf_model, model.tokenizer
     eos = set(model.eos_token_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    sampled = temperature > 0
+    # a fresh config: the model's own generation defaults (repetition penalty, ...) would make "greedy" differ
+    # from the target's plain greedy; every EOS id of the model stops an answer (chat terminators included)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampled, pad_token_id=pad,
+                              eos_token_id=sorted(eos),
+                              **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if sampled else {}))
     torch.manual_seed(seed)
     encoded = [model.encode(p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
@@ -145,10 +152,8 @@ def generate_corpus(model, prompts: Sequence[str], max_new_tokens: int = 256, ba
         for row, i in enumerate(batch):
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        sampled = temperature > 0
         generated = hf.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                max_new_tokens=max_new_tokens, do_sample=sampled, pad_token_id=pad,
-                                **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if sampled else {}))
+                                generation_config=config)
         for row, i in enumerate(batch):
             answer = []
             for t in generated[row, width:].tolist():
@@ -173,14 +178,24 @@ class Predictions:
 
 @torch.inference_mode()
 def target_predictions(model, pairs: Sequence[tuple[list[int], list[int]]], top_k: int = 8,
-                       batch_size: int = 32, progress=None) -> Predictions:
+                       tokens_per_batch: int = 8192, progress=None) -> Predictions:
     """Run the target over prompt + answer and keep its top-k at the last prompt position and at every answer
-    position but the last (the positions whose next token is part of the answer)."""
+    position but the last (the positions whose next token is part of the answer). Sequences of similar length
+    are batched together, at most `tokens_per_batch` padded tokens per forward (the logits of a batch take
+    tokens x vocab x 4 bytes: 1.6 GB at 8192 tokens and a 49k vocabulary)."""
+    if tokens_per_batch < 1:
+        raise ValueError(f"tokens_per_batch must be >= 1, got {tokens_per_batch}")
     hf = model.hf_model
+    live = sorted(((p, a) for p, a in pairs if a), key=lambda pa: len(pa[0]) + len(pa[1]))
+    batches, start = [], 0
+    while start < len(live):  # sorted by length: a batch's width is its last sequence's length
+        end = start + 1
+        while end < len(live) and (end + 1 - start) * (len(live[end][0]) + len(live[end][1])) <= tokens_per_batch:
+            end += 1
+        batches.append(live[start:end])
+        start = end
     tokens, tops, probs = [], [], []
-    live = [(p, a) for p, a in pairs if a]
-    for start in range(0, len(live), batch_size):
-        batch = live[start:start + batch_size]
+    for batch in batches:
         width = max(len(p) + len(a) for p, a in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)  # [B, W], right padded
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -194,6 +209,7 @@ def target_predictions(model, pairs: Sequence[tuple[list[int], list[int]]], top_
             tokens.append(ids[row, rows].numpy())
             tops.append(top.to("cpu", torch.int32).numpy())
             probs.append(prob.to("cpu", torch.float32).numpy())
+        del logits
         if progress is not None:
             progress(len(batch))
     if not tokens:

@@ -1,6 +1,7 @@
 """`leapdecode distill-tables`: warm drafter tables distilled from the target (see leapdecode.distill).
 
-Writes into --out: corpus.jsonl (every prompt and the target's answer, as text and token ids), recycling.pt (for
+Writes into --out: corpus.jsonl (every prompt and the target's answer: prompt text, whether the answer was sampled,
+answer text, prompt and answer token ids), recycling.pt (for
 `recycling` / `hybrid`: `--option recycling.table_path=DIR/recycling.pt`), trigrams.npz (for `aded`:
 `--option aded.table=DIR/trigrams.npz`) and target.json (the target's fingerprint and the settings), and prints what
 it built. Tables copied into leapdecode/drafters/shipped_tables/<fingerprint>/ become those drafters' default
@@ -81,11 +82,11 @@ def distill_tables(
             pairs += run(f"answers (sampled {k + 1})", all_prompts, temperature, seed + 1 + k)
         labels = all_prompts * (1 + samples)  # the prompt of each pair
         task = progress.add_task("target predictions", total=sum(1 for _, a in pairs if a))
-        predictions = target_predictions(target, pairs, top_k, batch_size // 2 or 1,
-                                         progress=lambda n: progress.advance(task, n))
+        predictions = target_predictions(target, pairs, top_k, progress=lambda n: progress.advance(task, n))
     with (out / "corpus.jsonl").open("w", encoding="utf-8") as f:
-        for prompt, (p, a) in zip(labels, pairs):
-            f.write(json.dumps({"prompt": prompt, "answer": target.decode(a), "answer_ids": a}) + "\n")
+        for i, (prompt, (p, a)) in enumerate(zip(labels, pairs)):
+            f.write(json.dumps({"prompt": prompt, "sampled": i >= len(all_prompts), "answer": target.decode(a),
+                                "prompt_ids": p, "answer_ids": a}) + "\n")
     recycling = RecyclingTable.from_predictions(predictions.tokens, predictions.top, predictions.probs,
                                                 target.vocab_size, top_k)
     recycling.save(out / "recycling.pt")

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from leapdecode.drafters.base import Draft, StepResult
-from leapdecode.drafters.shipped import AUTO, resolve_table
+from leapdecode.drafters.shipped import AUTO, shipped_table, shipped_trigrams
 from leapdecode.drafters.trigram import TrigramTable
 from leapdecode.sampling import SamplingConfig
 
@@ -116,9 +116,14 @@ class ADED:
 
     @classmethod
     def from_options(cls, kwargs: dict, target: Any = None, **context: Any) -> ADED:
-        """Registry entry: table "auto" (the default) becomes the tri-gram table shipped for the target, if any."""
+        """Registry entry: table "auto" (the default) becomes (a copy of) the tri-gram table shipped for the
+        target, if any and if neither top_k nor cap is asked for."""
         kwargs = dict(kwargs)
-        kwargs["table"] = resolve_table(kwargs.get("table", AUTO), target, "trigrams.npz")
+        spec = kwargs.get("table", AUTO)
+        if isinstance(spec, str) and spec.strip().lower() == AUTO:
+            path = shipped_table(target, "trigrams.npz")
+            # a loaded table keeps its own top_k and cap: asking for others means an empty table of that shape
+            kwargs["table"] = shipped_trigrams(path) if path and not {"top_k", "cap"} & set(kwargs) else ""
         return cls(**kwargs)
 
     # ------------------------------------------------------------------ Drafter protocol

@@ -8,8 +8,8 @@ right for a token or three almost everywhere, never for long. So every step prop
 - Each candidate node has an estimated probability of being accepted. Template nodes: from their acceptance counts
   (TreeTemplate.estimates). Copy-chain nodes: from how often a chain of the same match length n was right for d
   tokens, learned every step from the emitted tokens whether or not the chain was drafted (a chain node is
-  accepted exactly when the chain agrees with the emitted continuation up to it), pooled with how the chains of
-  the current request did in its last few steps (copying comes in spells; `chain_memory`). Deeper nodes are never more
+  accepted exactly when the chain agrees with the emitted continuation up to it); optionally pooled with how the
+  chains of the current request did in its last few steps (`chain_memory`, off by default). Deeper nodes are never more
   likely than shallower ones in either list.
 - The draft keeps the most likely nodes of both lists together. Its size is the loop's budget, or `tree_budget`,
   or with a latency curve (tree_budget="auto") the size that maximises expected tokens per second for *this* step:
@@ -83,9 +83,10 @@ def merge_chain_and_tree(chain: Sequence[int], tokens: Sequence[int], parents: S
 
 class ChainStats:
     """P(the first d tokens of a copy chain are right), per match length n, as a product of per-depth survival
-    rates: rate(n, d) = P(token d right | tokens < d right). Each step gives evidence up to the first disagreement
-    between the chain and the emitted tokens; when the chain agreed with all of them, the depths beyond are
-    unknown and not counted (censored), which keeps the rates unbiased.
+    rates: rate(n, d) = P(token d right | tokens < d right). Each step is evidence for the depths it tried: every
+    depth up to the first disagreement between the chain and the emitted tokens, that one included (a depth past
+    it says nothing about the conditional rate there); when the chain agreed with all the emitted tokens, the
+    depths beyond are unknown and not counted (censored), which keeps the rates unbiased.
 
     Copying comes in spells: an answer that quotes its prompt copies for many steps in a row, then writes fresh text.
     So the rates also follow the current request: with `memory` > 0, the request's recent chain evidence (any n and
@@ -115,11 +116,12 @@ class ChainStats:
         agree = 0
         while agree < len(chain) and agree < len(emitted) and chain[agree] == emitted[agree]:
             agree += 1
-        known = len(chain) if agree < len(emitted) else agree  # censored past the emitted tokens
-        self.at_risk[n, :known] += 1
+        # depths tried: up to the first wrong one; when the chain agreed with every emitted token, no further
+        tried = min(len(chain), agree + 1) if agree < len(emitted) else agree
+        self.at_risk[n, :tried] += 1
         self.survived[n, :agree] += 1
         if self.memory > 0.0:
-            self.recent_at_risk = self.memory * self.recent_at_risk + min(known, agree + 1)
+            self.recent_at_risk = self.memory * self.recent_at_risk + tried
             self.recent_survived = self.memory * self.recent_survived + agree
         self._probs = None
 
@@ -147,10 +149,11 @@ class Hybrid:
 
     def __init__(self, max_ngram: int = 4, max_chain: int = 32, top_k: int = 8, template: Any = None,
                  tree_budget: Any = "auto", table_path: str = "auto", vocab_size: int = 0, update: str = "all",
-                 chain_memory: float = 0.9, latency_curve: LatencyCurve | None = None) -> None:
+                 chain_memory: float = 0.0, latency_curve: LatencyCurve | None = None) -> None:
         """max_ngram: longest suffix matched for the copy chain (longer matches are more reliable);
         max_chain: longest copy chain drafted. chain_memory: decay per step of the request's recent chain evidence
-        (0 = long-run statistics alone; see ChainStats). tree_budget: "auto" (with a latency curve: per step, the size that
+        pooled with the long-run rates (0, the default = long-run rates alone; see ChainStats: on Spec-Bench with
+        SmolLM2 pooling did not pay, BENCHMARKS.md section 5). tree_budget: "auto" (with a latency curve: per step, the size that
         maximises expected tokens per second; without one: the recycling template plus the chain) or an integer
         cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
         _check_int("max_ngram", max_ngram, 1, 16)

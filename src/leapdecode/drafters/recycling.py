@@ -244,22 +244,22 @@ class RecyclingTable:
 
     def load(self, path: str | Path) -> None:
         """Load a saved table. Refused when its vocab differs from this table's (a table of another tokenizer is
-        nonsense here) or when it is narrower than top_k; a wider one keeps its first top_k ranks."""
+        nonsense here). A wider table keeps its first top_k ranks; a narrower one fills the first ranks and leaves
+        the rest empty (-1) until decoding writes whole rows."""
         data = torch.load(Path(path), weights_only=True)
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             raise ValueError(f"{path} is not a token recycling table (format {TABLE_FORMAT})")
-        vocab, k, table = int(data["vocab_size"]), int(data["top_k"]), data["table"]
+        vocab, k, table = int(data["vocab_size"]), int(data["top_k"]), data["table"].numpy().astype(np.int32)
         if self.vocab_size is not None and vocab != self.vocab_size:
             raise ValueError(f"table {path} has vocab {vocab}, this drafter's vocab is {self.vocab_size}")
-        if k < self.top_k:
-            raise ValueError(f"table {path} has top_k {k} < {self.top_k}; rebuild it or use top_k <= {k}")
-        table = table.numpy().astype(np.int32)[:, : self.top_k]  # [vocab, top_k]
-        if table.shape != (vocab, self.top_k) or table.min() < -1 or table.max() >= vocab:
+        if table.shape != (vocab, k) or table.min() < -1 or table.max() >= vocab:
             raise ValueError(f"table {path} is malformed (shape {tuple(table.shape)}, ids outside [-1, {vocab}))")
         ordered = np.sort(table, axis=1)
         if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
             raise ValueError(f"table {path} has a row with a repeated token (siblings must be distinct)")
-        self.vocab_size, self.table = vocab, np.ascontiguousarray(table)
+        out = np.full((vocab, self.top_k), -1, dtype=np.int32)  # [vocab, top_k]
+        out[:, : min(k, self.top_k)] = table[:, : self.top_k]
+        self.vocab_size, self.table = vocab, out
 
     def expand(self, root: int, template: TreeTemplate, nodes: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
         """Follow the table from `root` along the template nodes `nodes` (breadth-first, parents included).
@@ -343,7 +343,7 @@ class TokenRecycling:
         self.update = update
         self.template = TreeTemplate(paths, top_k)
         self.table = RecyclingTable(top_k, vocab_size or None)
-        if table_path and table_path.strip().lower() != AUTO:
+        if table_path and not (isinstance(table_path, str) and table_path.strip().lower() == AUTO):
             self.table.load(table_path)
         self.auto = isinstance(tree_budget, str)
         self.latency_curve = latency_curve

@@ -8,11 +8,17 @@ table of another model with the same tokenizer would still be lossless (tables o
 less useful.
 
 The drafters' table options take "auto" (the default): the shipped table when the target has one, else an empty
-table; "" for an empty table; or a path.
+table; "" for an empty table; or a path. "auto" is resolved by the drafters' `from_options`, i.e. where the target
+is known: the CLI, the server, the bench and `registry.make_drafter(name, options, target=model)`. A drafter built
+directly in Python (`Hybrid()`) does not know its target, so there "auto" means empty; pass
+`table_path=shipped_table(model, "recycling.pt")` (or `table=...trigrams.npz` for ADED) to get the shipped one.
+ADED keeps a loaded table's own top_k and cap, so with "auto" the shipped tri-grams are used only when neither
+option is given.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import weakref
@@ -60,3 +66,16 @@ def resolve_table(spec: str, target: Any, filename: str) -> str:
     if isinstance(spec, str) and spec.strip().lower() == AUTO:
         return shipped_table(target, filename)
     return spec
+
+
+@functools.lru_cache(maxsize=2)
+def _shipped_trigrams(path: str):
+    from leapdecode.drafters.trigram import TrigramTable
+
+    return TrigramTable.load(path)
+
+
+def shipped_trigrams(path: str):
+    """A private copy of a shipped tri-gram table: the file (package data, never rewritten) is read and indexed
+    once per process, since a server builds an ADED drafter per request and loading takes a noticeable moment."""
+    return _shipped_trigrams(str(path)).copy()

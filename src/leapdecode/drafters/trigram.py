@@ -81,6 +81,13 @@ class TrigramTable:
     def slots(self) -> int:
         return self.keys.shape[0]
 
+    def copy(self) -> TrigramTable:
+        """An independent copy (the arrays are copied; a few ms for a table of tens of MiB)."""
+        out = TrigramTable.__new__(TrigramTable)
+        out.__dict__.update(self.__dict__)
+        out.keys, out.succ, out.weights = self.keys.copy(), self.succ.copy(), self.weights.copy()
+        return out
+
     def state_bytes(self) -> int:
         """Memory held by the table: its three arrays (everything else is a few scalars)."""
         return self.keys.nbytes + self.succ.nbytes + self.weights.nbytes + 256
