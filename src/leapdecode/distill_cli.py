@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
 
 def distill_tables(
-    out: Path = typer.Option(..., "--out", "-o", help="Directory to write corpus.jsonl, recycling.pt, trigrams.npz."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write recycling.pt, trigrams.npz, corpus.jsonl and target.json into."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
                               help="Preset name, .gguf file or HF model directory: the target the tables serve."),
     device: str = typer.Option("cpu", help="Where the target runs (cpu, cuda)."),
@@ -42,7 +42,12 @@ def distill_tables(
     seed: int = typer.Option(0, help="Seeds the prompt set and the sampled answers."),
     show_progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
 ) -> None:
-    """Let the target write a corpus from built-in prompts and distil drafter tables from it (see the module)."""
+    """Let the target answer ~1,800 built-in prompts and distil warm drafter tables from what it wrote and predicted.
+
+    Writes into --out: recycling.pt (option table_path of recycling and hybrid), trigrams.npz (option table of aded),
+    corpus.jsonl and target.json. Tables only choose drafts, never the output. Minutes on a GPU (--device cuda),
+    hours on a CPU (try --limit 20 first).
+    """
     from leapdecode.cli import fail
     from leapdecode.distill import corpus_prompts, generate_corpus, target_predictions, with_passages
     from leapdecode.drafters.recycling import RecyclingTable
