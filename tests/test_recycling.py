@@ -273,6 +273,8 @@ def test_load_refuses_bad_tables(tmp_path):
         TokenRecycling(top_k=3, template=TEMPLATE).load(path)
     with pytest.raises(ValueError, match="empty"):
         TokenRecycling().save(tmp_path / "empty.pt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        TokenRecycling(table_path=str(tmp_path / "missing.pt"))
 
 
 # ---------------------------------------------------------------- budget, report, speed

@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
 
 
 def distill_tables(
-    out: Path = typer.Option(..., "--out", "-o", help="Directory to write recycling.pt, trigrams.npz, corpus.jsonl and target.json into."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="Directory to write recycling.pt, trigrams.npz, corpus.jsonl and target.json into."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
                               help="Preset name, .gguf file or HF model directory: the target the tables serve."),
     device: str = typer.Option("cpu", help="Where the target runs (cpu, cuda)."),
@@ -55,9 +56,13 @@ def distill_tables(
     from leapdecode.drafters.trigram import TrigramTable
     from leapdecode.models.load import load_model
 
-    if max_new_tokens < 1 or batch_size < 1 or samples < 0 or temperature <= 0 or limit < 0 or not 1 <= top_k <= 64:
-        fail("need --max-new-tokens >= 1, --batch-size >= 1, --samples >= 0, --temperature > 0, --limit >= 0 and "
-             "1 <= --top-k <= 64")
+    for ok, need, value in ((max_new_tokens >= 1, "--max-new-tokens >= 1", max_new_tokens),
+                            (batch_size >= 1, "--batch-size >= 1", batch_size),
+                            (samples >= 0, "--samples >= 0", samples),
+                            (temperature > 0, "--temperature > 0", temperature), (limit >= 0, "--limit >= 0", limit),
+                            (1 <= top_k <= 64, "1 <= --top-k <= 64", top_k)):
+        if not ok:
+            fail(f"need {need}, got {value}")
     if out.exists() and not out.is_dir():
         fail(f"--out {str(out)!r} exists and is not a directory")
     try:

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from leapdecode.drafters.base import Draft, StepResult
-from leapdecode.drafters.shipped import AUTO, shipped_table, shipped_trigrams
+from leapdecode.drafters.shipped import is_auto, shipped_table, shipped_trigrams
 from leapdecode.drafters.trigram import TrigramTable
 from leapdecode.sampling import SamplingConfig
 
@@ -75,7 +75,8 @@ class ADED:
     prompt_weight, target_weight, learn_top_k: how much the prompt's tri-grams and the target's top predictions
     count (see the module docstring). table: a saved table (.npz from build-trigrams or distill-tables), a
     TrigramTable (shared, and updated, by this drafter), "" for an empty one, or "auto": the table shipped for the
-    target (leapdecode.drafters.shipped; resolved by from_options), else an empty one. seed: seeds the rollouts at every reset.
+    target (leapdecode.drafters.shipped; resolved by from_options), else an empty one. seed: seeds the rollouts at
+    every reset.
     """
 
     name = "aded"
@@ -100,7 +101,7 @@ class ADED:
         if isinstance(table, TrigramTable):
             self.table = table
         elif isinstance(table, str):
-            empty = not table or table.strip().lower() == AUTO  # "auto" without a target (see from_options)
+            empty = not table or is_auto(table)  # "auto" without a target (see from_options)
             self.table = TrigramTable(top_k=top_k, cap=cap) if empty else TrigramTable.load(table)
         else:
             raise ValueError(f"table must be a path to a saved tri-gram table, a TrigramTable, 'auto' or '', got "
@@ -119,8 +120,7 @@ class ADED:
         """Registry entry: table "auto" (the default) becomes (a copy of) the tri-gram table shipped for the
         target, if any and if neither top_k nor cap is asked for."""
         kwargs = dict(kwargs)
-        spec = kwargs.get("table", AUTO)
-        if isinstance(spec, str) and spec.strip().lower() == AUTO:
+        if is_auto(kwargs.get("table", "auto")):
             path = shipped_table(target, "trigrams.npz")
             # a loaded table keeps its own top_k and cap: asking for others means an empty table of that shape
             kwargs["table"] = shipped_trigrams(path) if path and not {"top_k", "cap"} & set(kwargs) else ""

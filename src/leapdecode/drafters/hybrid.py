@@ -9,8 +9,8 @@ right for a token or three almost everywhere, never for long. So every step prop
   (TreeTemplate.estimates). Copy-chain nodes: from how often a chain of the same match length n was right for d
   tokens, learned every step from the emitted tokens whether or not the chain was drafted (a chain node is
   accepted exactly when the chain agrees with the emitted continuation up to it); optionally pooled with how the
-  chains of the current request did in its last few steps (`chain_memory`, off by default). Deeper nodes are never more
-  likely than shallower ones in either list.
+  chains of the current request did in its last few steps (`chain_memory`, off by default). Deeper nodes are
+  never more likely than shallower ones in either list.
 - The draft keeps the most likely nodes of both lists together. Its size is the loop's budget, or `tree_budget`,
   or with a latency curve (tree_budget="auto") the size that maximises expected tokens per second for *this* step:
   a long, reliable match buys a deep chain; no match leaves the recycling tree alone at its usual size.
@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from leapdecode.budget import LatencyCurve, cached_latency_curve
+from leapdecode.budget import LatencyCurve
 from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.drafters.pld import PromptLookup, continuation, find_match
-from leapdecode.drafters.recycling import PRIOR_STEPS, TokenRecycling, _check_int
-from leapdecode.drafters.shipped import AUTO, resolve_table
+from leapdecode.drafters.recycling import PRIOR_STEPS, TokenRecycling, _check_int, target_options
 from leapdecode.sampling import SamplingConfig
 
 # prior P(chain node d is right | node d - 1 was right) for a match of length n = 1, 2, 3, 4+ (before any evidence)
@@ -153,9 +152,9 @@ class Hybrid:
         """max_ngram: longest suffix matched for the copy chain (longer matches are more reliable);
         max_chain: longest copy chain drafted. chain_memory: decay per step of the request's recent chain evidence
         pooled with the long-run rates (0, the default = long-run rates alone; see ChainStats: on Spec-Bench with
-        SmolLM2 pooling did not pay, BENCHMARKS.md section 5). tree_budget: "auto" (with a latency curve: per step, the size that
-        maximises expected tokens per second; without one: the recycling template plus the chain) or an integer
-        cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
+        SmolLM2 pooling did not pay, BENCHMARKS.md section 5). tree_budget: "auto" (with a latency curve: per step,
+        the size that maximises expected tokens per second; without one: the recycling template plus the chain) or
+        an integer cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
         _check_int("max_ngram", max_ngram, 1, 16)
         _check_int("max_chain", max_chain, 1, 256)
         self.lookup = _Lookup(max_ngram=max_ngram, min_ngram=1, num_draft_tokens=max_chain)
@@ -182,13 +181,7 @@ class Hybrid:
     def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any) -> Hybrid:
         """Registry entry: like TokenRecycling, measure or load the target's latency curve for tree_budget=auto and
         start from the table shipped for the target when table_path is "auto"."""
-        kwargs = dict(kwargs)
-        if target is not None:
-            kwargs.setdefault("vocab_size", target.vocab_size)
-            if str(kwargs.get("tree_budget", "auto")).strip().lower() == "auto":
-                kwargs["latency_curve"] = cached_latency_curve(target)
-        kwargs["table_path"] = resolve_table(kwargs.get("table_path", AUTO), target, "recycling.pt")
-        return cls(**kwargs)
+        return cls(**target_options(kwargs, target))
 
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:
         """New request: the copy index and the recent chain evidence restart; the recycling table and the

@@ -38,7 +38,7 @@ import torch
 
 from leapdecode.budget import LatencyCurve, cached_latency_curve, choose_budget
 from leapdecode.drafters.base import Draft, StepResult
-from leapdecode.drafters.shipped import AUTO, resolve_table
+from leapdecode.drafters.shipped import AUTO, is_auto, resolve_table
 from leapdecode.sampling import SamplingConfig
 
 TABLE_FORMAT = 1
@@ -246,6 +246,9 @@ class RecyclingTable:
         """Load a saved table. Refused when its vocab differs from this table's (a table of another tokenizer is
         nonsense here). A wider table keeps its first top_k ranks; a narrower one fills the first ranks and leaves
         the rest empty (-1) until decoding writes whole rows."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"token recycling table {str(path)!r} not found (write one with the drafter's "
+                                    f"save() or `leapdecode distill-tables`)")
         data = torch.load(Path(path), weights_only=True)
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             raise ValueError(f"{path} is not a token recycling table (format {TABLE_FORMAT})")
@@ -290,6 +293,19 @@ class RecyclingTable:
             parents.append(slot[p])
             origin.append(i)
         return tokens, parents, origin
+
+
+def target_options(kwargs: dict[str, Any], target: Any) -> dict[str, Any]:
+    """The options of a recycling-table drafter (recycling, hybrid) completed from the loaded target: its vocab
+    size, its latency curve when tree_budget is "auto" (measured once, cached per model and device), and the table
+    shipped for it when table_path is "auto"."""
+    kwargs = dict(kwargs)
+    if target is not None:
+        kwargs.setdefault("vocab_size", target.vocab_size)
+        if str(kwargs.get("tree_budget", "auto")).strip().lower() == "auto":
+            kwargs["latency_curve"] = cached_latency_curve(target)
+    kwargs["table_path"] = resolve_table(kwargs.get("table_path", AUTO), target, "recycling.pt")
+    return kwargs
 
 
 class TokenRecycling:
@@ -343,7 +359,7 @@ class TokenRecycling:
         self.update = update
         self.template = TreeTemplate(paths, top_k)
         self.table = RecyclingTable(top_k, vocab_size or None)
-        if table_path and not (isinstance(table_path, str) and table_path.strip().lower() == AUTO):
+        if table_path and not is_auto(table_path):
             self.table.load(table_path)
         self.auto = isinstance(tree_budget, str)
         self.latency_curve = latency_curve
@@ -360,13 +376,7 @@ class TokenRecycling:
         """Registry entry: with tree_budget "auto" and a loaded target, measure (or read the cached) latency curve
         of the target on its device, so the tree size fits this hardware; table_path "auto" becomes the table
         shipped for the target, if any."""
-        kwargs = dict(kwargs)
-        if target is not None:
-            kwargs.setdefault("vocab_size", target.vocab_size)
-            if str(kwargs.get("tree_budget", "auto")).strip().lower() == "auto":
-                kwargs["latency_curve"] = cached_latency_curve(target)
-        kwargs["table_path"] = resolve_table(kwargs.get("table_path", AUTO), target, "recycling.pt")
-        return cls(**kwargs)
+        return cls(**target_options(kwargs, target))
 
     # -------------------------------------------------------------------------------------------- protocol
 

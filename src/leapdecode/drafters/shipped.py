@@ -61,11 +61,14 @@ def shipped_table(model: Any, filename: str) -> str:
     return str(path) if path.is_file() else ""
 
 
+def is_auto(spec: Any) -> bool:
+    """Whether a table option asks for the shipped table ("auto", any case and spacing)."""
+    return isinstance(spec, str) and spec.strip().lower() == AUTO
+
+
 def resolve_table(spec: str, target: Any, filename: str) -> str:
     """A table option's value as a path: "auto" becomes the shipped table for `target` (or "" without one)."""
-    if isinstance(spec, str) and spec.strip().lower() == AUTO:
-        return shipped_table(target, filename)
-    return spec
+    return shipped_table(target, filename) if is_auto(spec) else spec
 
 
 @functools.lru_cache(maxsize=2)

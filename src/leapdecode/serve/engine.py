@@ -146,7 +146,7 @@ class Engine:
             if "adaptive" in info(name).options:  # the scheduler sizes drafts for the whole batch (draft_length.py)
                 options = {**options, "adaptive": False}
             return make_drafter(name, options, **self._drafter_context)
-        except (ValueError, TypeError, ImportError) as exc:
+        except (ValueError, TypeError, ImportError, OSError) as exc:  # OSError: a table file that is not there
             raise APIError(400, f"drafter {name!r} cannot be used: {exc}", "drafter", "invalid_drafter") from None
 
     def sequence(self, ids: list[int], config: GenerationConfig, drafter: Drafter,
