@@ -201,3 +201,26 @@ def test_loop_budget_caps_everything():
     assert drafter.propose([5, 6, 7, 8, 5, 6], budget=0).n == 0
     with pytest.raises(ValueError, match="max_chain"):
         Hybrid(max_chain=0)
+
+
+def test_forks_share_learning_but_not_request_state():
+    # the server's --share-drafter-state: concurrent requests draft with forks of one drafter
+    parent = hybrid_with_rows(ROWS, tree_budget=4)
+    a, b = parent.fork(), parent.fork()
+    a.reset([5, 6, 7, 8, 5, 6])
+    b.reset([1, 2, 6])
+    draft = a.propose([5, 6, 7, 8, 5, 6], budget=64)  # a's copy index has the repeat (a chain 7 8 5 6)
+    assert draft.tokens.tolist() == [7, 8, 9, 11]
+    assert b.propose([1, 2, 6], budget=64).tokens.tolist() == [7, 9, 11]  # b's has none: the template alone
+    before = b.chain_stats.probs(2)[0]  # cached in b (the prior for n = 2: .45)
+    logits = torch.zeros(draft.n + 1, 20)
+    logits[0, 7] = logits[1, 8] = logits[2, 3] = 1.0
+    a.observe(StepResult(6, draft, logits, path=[0, 1], bonus=3, emitted=[7, 8, 3]))
+    # a's step taught the shared table (row 8 -> 3), template counts and chain statistics, seen by b and parent
+    assert b.recycling.table.table[8, 0] == 3 and parent.recycling.template.trials.sum() == 3
+    assert b.chain_stats.at_risk[2, :3].tolist() == [1, 1, 1]
+    # and b's cache follows a's evidence: depth 1 was right, (1 + 16 x .45) / 17
+    assert before == pytest.approx(0.45) and b.chain_stats.probs(2)[0] == pytest.approx((1 + 16 * 0.45) / 17)
+    # per-request state stays apart: the copy index, last draft and counters
+    assert b.steps == 1 and a.steps == 1 and parent.steps == 0
+    assert b.lookup is not a.lookup and b._last_draft is not a._last_draft and parent._last_draft is None

@@ -334,3 +334,18 @@ def test_propose_is_fast_on_a_full_vocabulary():
     observe = median_seconds(lambda: drafter.observe(StepResult(context[-1], draft, logits, path=[0], bonus=1)))
     argmax = median_seconds(lambda: logits.argmax(-1))
     assert observe < 10 * argmax + 0.005, (observe, argmax)
+
+
+def test_fork_shares_the_table_and_counts_but_not_step_state():
+    parent = TokenRecycling(top_k=2, template="0;1;0,0", tree_budget=2, vocab_size=8)
+    parent.table.table[3] = [4, 5]
+    parent.table.table[4] = [6, 7]
+    fork = parent.fork()
+    draft = fork.propose([1, 3], budget=8)  # the 2 best nodes: (0,) = 4 and (0, 0) = 6 (.42 x .42 > .10)
+    assert draft.tokens.tolist() == [4, 6]
+    logits = torch.zeros(3, 8)
+    logits[0, 4] = logits[1, 1] = logits[2, 2] = 1.0  # 4 accepted, then the target says 1
+    fork.observe(StepResult(3, draft, logits, path=[0], bonus=1, emitted=[4, 1]))
+    assert parent.table.table[4, 0] == 1  # the fork wrote the shared table
+    assert parent.template.trials.tolist() == [1, 0, 1] and parent.template.hits.tolist() == [1, 0, 0]
+    assert fork._last_draft is draft and parent._last_draft is None  # step state is the fork's own

@@ -251,3 +251,27 @@ def test_text_assembler_holds_back_possible_stop_strings():
     assert text.add([3]) == "bc"  # "abcXY": "XY" held (it may become XYZ)
     assert text.add([4]) == "" and text.stopped  # "abcXYZd": stop found, the text ends before it
     assert text.text == "abc" and text.flush() == ""
+
+
+@pytest.mark.parametrize("runner", ["hf", "fast"])
+@pytest.mark.parametrize("name", ["recycling", "hybrid"])
+def test_forks_of_one_drafter_learn_together_and_stay_exact(tiny, runner, name):
+    # `leapdecode serve --share-drafter-state`: every request drafts with a fork of one drafter, so the token table
+    # and the acceptance counts are shared by sequences running in the same batch; each output is still exactly
+    # what plain decoding gives that prompt alone
+    prompts, expected = make_prompts(), expected_outputs(tiny)
+    parent = make_drafter(name, {"table_path": ""}, target=tiny)
+    scheduler = Scheduler(batch_runner(runner, tiny, 3), SchedulerConfig(max_batch=3, prefill_chunk=7, max_draft=8),
+                          cost=StepCost(FLAT, weight=0.0))
+    scheduler.start()
+    try:
+        results = run_all(scheduler, [(p, GenerationConfig(max_new_tokens=n, ignore_eos=True), parent.fork())
+                                      for p, n in zip(prompts, LENGTHS)])
+    finally:
+        assert scheduler.stop()
+    assert [r.tokens for r in results] == expected
+    recycling = parent if name == "recycling" else parent.recycling
+    # the parent never drafted itself: what it holds now, its forks taught it
+    assert recycling.table.filled_rows() > 0
+    assert recycling.template.trials.sum() > 0
+    assert sum(r.stats.draft_tokens for r in results) > 0

@@ -1,8 +1,8 @@
 """`leapdecode serve` with the real SmolLM2-135M-Instruct, called with the official `openai` client.
 
-One server process for the module (8 batch slots, default drafter copy). Greedy responses are compared with
-offline `generate` (plain decoding, the same model in this process): a completion must be exactly the text the
-model writes alone, whatever else the server is doing. The load test sends 64 chat requests, 8 at a time, with
+One server process for the module (8 batch slots, default drafter copy, drafter state shared between requests).
+Greedy responses are compared with offline `generate` (plain decoding, the same model in this process): a
+completion must be exactly the text the model writes alone, whatever else the server is doing. The load test sends 64 chat requests, 8 at a time, with
 different prompts, lengths and drafters, so sequences join and leave the batch at every step.
 """
 
@@ -45,7 +45,7 @@ def chat(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def server():
-    proc = ServerProcess(["--max-batch", "8", "--max-waiting", "64"])
+    proc = ServerProcess(["--max-batch", "8", "--max-waiting", "64", "--share-drafter-state"])
     try:
         yield proc.wait_ready()
     finally:
@@ -120,6 +120,8 @@ def test_seeds(client, smollm2):
 
     first = sample(123)
     assert sample(123) == first  # the same seed reproduces the same sample
+    # a seeded request gets a private drafter even where requests share one (hybrid), so others cannot change it
+    assert sample(123, "hybrid") == sample(123, "hybrid")
     assert any(sample(seed) != first for seed in (124, 125))  # other seeds draw other samples
     # with drafter none the request consumes its generator exactly as offline plain sampling with that seed does
     config = GenerationConfig(max_new_tokens=12, sampling=SamplingConfig(temperature=0.9, top_p=0.95, seed=123))
@@ -130,7 +132,9 @@ def test_load_64_requests_8_at_a_time_match_offline(server, client, smollm2, off
     before = metric(server, "leapdecode_request_finish_total", reason="length") + \
         metric(server, "leapdecode_request_finish_total", reason="stop")
     # every prompt with every length (4 to 16 tokens) and a mix of drafters
-    jobs = [(i % len(PROMPTS), (4, 8, 12, 16)[(i // 8) % 4], ("copy", "pld", "none")[i % 3]) for i in range(64)]
+    # (hybrid requests are forks of one shared drafter: they learn from each other while running together)
+    jobs = [(i % len(PROMPTS), (4, 8, 12, 16)[(i // 8) % 4], ("copy", "pld", "none", "hybrid")[(i + i // 8) % 4])
+            for i in range(64)]  # every prompt meets every drafter
 
     def run(job):
         index, max_tokens, drafter = job

@@ -94,6 +94,11 @@ class Drafter(Protocol):
     `context` is the whole token sequence so far (prompt + generated), whose last element is the root.
     `budget` is the largest number of nodes the target will verify this step; a drafter may propose fewer,
     including none (an empty draft means plain decoding for that step).
+
+    Optional: `fork() -> Drafter`, a drafter for another request that runs at the same time and shares what this
+    one has learned (a table, acceptance counts), with its own per-request state; the server uses it with
+    --share-drafter-state. Forks are used from one thread (the server's scheduler); only fork() itself may run
+    elsewhere.
     """
 
     name: str

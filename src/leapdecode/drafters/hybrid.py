@@ -19,11 +19,12 @@ right for a token or three almost everywhere, never for long. So every step prop
   sampling rule needs that) and no token is verified twice.
 
 Both parts keep learning every step: the recycling table from every verified node's logits, the chain statistics
-from the emitted tokens.
+from the emitted tokens. `fork()` gives a request that runs at the same time a drafter sharing what was learned.
 """
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections.abc import Sequence
 from typing import Any
@@ -100,11 +101,22 @@ class ChainStats:
         self.recent_at_risk = self.recent_survived = 0.0  # this request's decayed counts over all n and depths
         self._prior = np.array([CHAIN_PRIOR[min(n, len(CHAIN_PRIOR)) - 1] if n else 0.0
                                 for n in range(max_ngram + 1)])  # [n]
+        self._clock = [0]  # evidence recorded so far, shared with forks (their cached probs expire with it)
         self._probs: np.ndarray | None = None
+        self._probs_at = -1  # the clock when _probs was computed
+
+    def fork(self) -> ChainStats:
+        """Statistics for another request: the long-run counts are shared (updated in place), the recent ones are
+        its own."""
+        other = copy.copy(self)
+        other.recent_at_risk = other.recent_survived = 0.0
+        other._probs, other._probs_at = None, -1
+        return other
 
     def probs(self, n: int) -> np.ndarray:
         """[max_chain] P(chain node d + 1 is accepted) for a match of length n, non-increasing in d."""
-        if self._probs is None:
+        if self._probs is None or self._probs_at != self._clock[0]:
+            self._probs_at = self._clock[0]
             rates = (self.survived + PRIOR_STEPS * self._prior[:, None]) / (self.at_risk + PRIOR_STEPS)  # [n, d]
             if self.memory > 0.0:
                 rates = (self.recent_survived + RECENT_PRIOR * rates) / (self.recent_at_risk + RECENT_PRIOR)
@@ -122,6 +134,7 @@ class ChainStats:
         if self.memory > 0.0:
             self.recent_at_risk = self.memory * self.recent_at_risk + tried
             self.recent_survived = self.memory * self.recent_survived + agree
+        self._clock[0] += 1
         self._probs = None
 
     def new_request(self) -> None:
@@ -157,6 +170,7 @@ class Hybrid:
         an integer cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
         _check_int("max_ngram", max_ngram, 1, 16)
         _check_int("max_chain", max_chain, 1, 256)
+        self.max_ngram = max_ngram
         self.lookup = _Lookup(max_ngram=max_ngram, min_ngram=1, num_draft_tokens=max_chain)
         if not isinstance(chain_memory, (int, float)) or isinstance(chain_memory, bool) or \
                 not 0.0 <= chain_memory < 1.0:
@@ -190,6 +204,20 @@ class Hybrid:
         self.recycling.reset(prompt, sampling)
         self.chain_stats.new_request()
         self._match, self._chain_nodes, self._origin, self._last_draft = (0, []), [], {}, None
+
+    def fork(self) -> Hybrid:
+        """A drafter for another request running at the same time (the server's share_drafter_state): it shares the
+        recycling table and the template's and the chains' acceptance counts, and has its own copy index, recent
+        chain evidence and step state. Output stays exact whatever the shared state holds; only the drafts depend on
+        what other requests taught it."""
+        other = copy.copy(self)
+        other.lookup = _Lookup(max_ngram=self.max_ngram, min_ngram=1, num_draft_tokens=self.max_chain)
+        other.recycling = self.recycling.fork()
+        other.chain_stats = self.chain_stats.fork()
+        other._match, other._chain_nodes, other._selected, other._origin = (0, []), [], [], {}
+        other._last_draft = None
+        other.steps = other.nodes = other.chain_nodes = 0
+        return other
 
     def propose(self, context: Sequence[int], budget: int) -> Draft:
         if budget < 0:

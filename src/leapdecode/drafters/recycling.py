@@ -28,6 +28,7 @@ tokens per second, re-chosen as the estimates move.
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections.abc import Sequence
 from pathlib import Path
@@ -384,6 +385,16 @@ class TokenRecycling:
         """New request: only per-request state is dropped; the table and the acceptance counts are kept."""
         self._origin = []
         self._last_draft = None
+
+    def fork(self) -> TokenRecycling:
+        """A drafter for another request running at the same time (the server's share_drafter_state): it shares
+        the table and the template's acceptance counts and has its own step state. Output stays exact whatever the
+        table holds; only the drafts depend on what other requests taught it."""
+        other = copy.copy(self)
+        other._selected, other._origin, other._last_draft, other._steps_since_choice = [], [], None, 0
+        if self.auto and self.latency_curve is not None:
+            other.choose_budget()  # from the shared counts as they are now
+        return other
 
     def propose(self, context: Sequence[int], budget: int) -> Draft:
         if budget < 0:

@@ -42,6 +42,13 @@ def serve(
     prefill_chunk: int = typer.Option(128, help="Prompt tokens prefilled per scheduler iteration."),
     max_draft: int = typer.Option(32, help="Longest draft per sequence and step (the scheduler adapts below it)."),
     drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for running requests before exiting."),
+    share_drafter_state: bool = typer.Option(False, help="Requests share what the drafter learns (recycling, "
+                                             "hybrid: the token table and acceptance counts) instead of each "
+                                             "starting from the shipped tables. Output is unchanged, but one "
+                                             "request's text then shapes the drafts (and so the speed and the "
+                                             "reported acceptance) of others; seeded sampling requests always get "
+                                             "a private drafter. Off by default: with the shipped tables it gained "
+                                             "nothing measurable (BENCHMARKS.md 0b)."),
     runner: str = typer.Option("auto", "--runner", help="Batched forward: fast (leapdecode's own, Llama/Qwen2/"
                                "Gemma 3 families), hf (transformers', any causal LM) or auto (fast where supported)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
@@ -68,7 +75,8 @@ def serve(
         config = ServeConfig(served_name=served_model_name or model, drafter=drafter, drafter_options=options,
                              max_batch=max_batch, max_waiting=max_waiting, max_context=max_context,
                              max_tokens_limit=max_tokens_limit, prefill_chunk=prefill_chunk, max_draft=max_draft,
-                             api_key=api_key, drain_timeout=drain_timeout, runner=runner)
+                             api_key=api_key, drain_timeout=drain_timeout, runner=runner,
+                             share_drafter_state=share_drafter_state)
         with err.status(f"loading {model} ..."):
             target = load_model(model, device=device, dtype=dtype)
         if served_model_name is None:
@@ -103,6 +111,8 @@ def loadgen(
     threads: Optional[int] = typer.Option(None, help="With --model: torch threads of the server."),
     runner: str = typer.Option("auto", "--runner", help="With --model: the server's batched forward (auto, fast, "
                                                          "hf; see `leapdecode serve --help`)."),
+    share_drafter_state: bool = typer.Option(False, help="With --model: requests share what the drafter learns "
+                                             "(see `leapdecode serve --help`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the markdown report here."),
 ) -> None:
     """Measure serving throughput and latency with speculation on vs off (same server, same run)."""
@@ -123,7 +133,8 @@ def loadgen(
     if url is None:
         args = ["--model", model, "--drafter", drafter, "--max-batch", str(max_batch or max(levels)),
                 "--max-waiting", str(max(256, max(levels))), "--runner", runner] + \
-            (["--threads", str(threads)] if threads else [])
+            (["--threads", str(threads)] if threads else []) + \
+            (["--share-drafter-state"] if share_drafter_state else [])
         err.print(f"starting leapdecode serve {' '.join(args)} ...")
         server = ServerProcess(args, env={"LEAPDECODE_API_KEY": api_key} if api_key else None)
         try:
@@ -141,8 +152,9 @@ def loadgen(
     finally:
         if server is not None:
             server.stop()
-    meta = {"command": "leapdecode loadgen " + shlex.join(sys.argv[2:]), "date": datetime.now().isoformat("T", "seconds"),
-            "server": url if server is None else f"started here: --model {model} --drafter {drafter}",
+    meta = {"command": "leapdecode loadgen " + shlex.join(sys.argv[2:]),
+            "date": datetime.now().isoformat("T", "seconds"),
+            "server": url if server is None else f"started here: leapdecode serve {shlex.join(args)}",
             "requests per row": str(requests), "max_tokens": str(max_tokens), "prompts": f"{len(texts)} ({suite})"}
     report = markdown(results, drafter, meta)
     sys.stdout.write(report)

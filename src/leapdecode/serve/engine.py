@@ -15,7 +15,7 @@ from typing import Any
 
 from leapdecode.decode import GenerationConfig
 from leapdecode.drafters.base import Drafter
-from leapdecode.drafters.registry import info, make_drafter
+from leapdecode.drafters.registry import drafter_class, info, make_drafter
 from leapdecode.models.base import RUNNER_KINDS, Model
 from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.sampling import SamplingConfig
@@ -45,6 +45,7 @@ class ServeConfig:
     drain_timeout: float = 60.0  # seconds a shutdown waits for running requests
     runner: str = "auto"  # "fast": batched fast forward (models/fast/batch.py); "hf": transformers' forward;
     # "auto": fast where the model's architecture is supported, else hf
+    share_drafter_state: bool = False  # requests fork one drafter per name (Drafter.fork) and share what it learns
 
     def __post_init__(self) -> None:
         if not self.served_name:
@@ -87,6 +88,8 @@ class Engine:
         self._drafter_context = {"target": model, "device": str(model.device),
                                  "dtype": str(model.dtype).removeprefix("torch.")}
         self._default_options = self._preload(config.drafter, config.drafter_options)
+        self._shared: dict[str, Drafter] = {}  # name -> the drafter whose forks serve requests (share_drafter_state)
+        self._shared_lock = threading.Lock()  # prepare() runs in a thread pool: one parent per name
         try:
             self.make_drafter(config.drafter)  # fail at start, not per request
         except APIError as exc:
@@ -137,10 +140,31 @@ class Engine:
                                       budget=self.config.max_draft, ignore_eos=body.ignore_eos)
         except ValueError as exc:
             raise APIError(400, str(exc), None, "invalid_parameter") from None
-        return ids, config, self.make_drafter(body.drafter)
+        return ids, config, self.make_drafter(body.drafter, private=needs_reproducible_drafts(config))
 
-    def make_drafter(self, name: str | None) -> Drafter:
+    def make_drafter(self, name: str | None, private: bool = False) -> Drafter:
+        """The drafter of one request: freshly built (from the shipped tables, where there are some), or, with
+        share_drafter_state, for drafters that can fork (Drafter.fork: recycling, hybrid), a fork of one drafter
+        kept per name, so every request drafts from what all earlier ones taught it; greedy output does not change,
+        only its speed. `private` (seeded sampling, whose output must not depend on other traffic) always gets a
+        freshly built drafter."""
         name = name or self.config.drafter
+        if self.config.share_drafter_state and not private and hasattr(self._drafter_class(name), "fork"):
+            with self._shared_lock:
+                parent = self._shared.get(name)
+                if parent is None:
+                    parent = self._shared[name] = self._build_drafter(name)
+                return parent.fork()
+        return self._build_drafter(name)
+
+    @staticmethod
+    def _drafter_class(name: str) -> type | None:
+        try:
+            return drafter_class(name)
+        except (ValueError, ImportError):
+            return None  # _build_drafter reports it
+
+    def _build_drafter(self, name: str) -> Drafter:
         options = self._default_options if name == self.config.drafter else {}
         try:
             if "adaptive" in info(name).options:  # the scheduler sizes drafts for the whole batch (draft_length.py)
