@@ -391,9 +391,10 @@ class TokenRecycling:
         the table and the template's acceptance counts and has its own step state. Output stays exact whatever the
         table holds; only the drafts depend on what other requests taught it."""
         other = copy.copy(self)
-        other._selected, other._origin, other._last_draft, other._steps_since_choice = [], [], None, 0
-        if self.auto and self.latency_curve is not None:
-            other.choose_budget()  # from the shared counts as they are now
+        other._selected, other._origin, other._last_draft = [], [], None
+        # re-choose the tree size from the shared counts at its first step (on the thread that runs it: fork may
+        # run elsewhere, and choosing fills the shared template's caches)
+        other._steps_since_choice = RECHOOSE_EVERY
         return other
 
     def propose(self, context: Sequence[int], budget: int) -> Draft:
