@@ -51,6 +51,18 @@ def questions(path: Path, per_category: int, categories: list[str] | None, skip:
     return [q for c in cats for q in by_cat[c][skip : skip + per_category]]
 
 
+def plant_curve(model, path: Path) -> LatencyCurve:
+    """Make a latency curve measured elsewhere ({nodes: ms} JSON) the one `cached_latency_curve(model)` returns, in
+    a private cache directory (never the user's), so auto-sized drafters choose as on that machine."""
+    os.environ["LEAPDECODE_CACHE"] = tempfile.mkdtemp(prefix="leapdecode-curve-")
+    ms = dict(sorted((int(k), float(v)) for k, v in json.loads(path.read_text()).items()))
+    key = curve_key(model.name, model.device, model.dtype, model.runner_kind())
+    curve = LatencyCurve(tuple(ms), tuple(v / 1000 for v in ms.values()), key)
+    curve_path(key).parent.mkdir(parents=True, exist_ok=True)
+    curve_path(key).write_text(json.dumps(curve.to_json()))
+    return curve
+
+
 class SizeRecorder:
     """A target runner that notes the rows of every verify beyond the root (draft nodes plus any auxiliary rows,
     e.g. Lookahead's Jacobi window) for the modelled time; otherwise the runner."""
@@ -98,15 +110,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     runner = model.runner()
-    curve = None
-    if args.curve:  # planted in a private cache directory, never in the user's
-        os.environ["LEAPDECODE_CACHE"] = tempfile.mkdtemp(prefix="leapdecode-curve-")
-        ms = json.loads(Path(args.curve).read_text())
-        key = curve_key(model.name, model.device, model.dtype, model.runner_kind())
-        curve = LatencyCurve(tuple(int(k) for k in ms), tuple(v / 1000 for v in ms.values()), key)
-        path = curve_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(curve.to_json()))  # planted: cached_latency_curve reads it
+    curve = plant_curve(model, Path(args.curve)) if args.curve else None
     runner = SizeRecorder(runner)
     labels, drafters = [], []
     for spec in args.drafter or ["none", "recycling", "hybrid"]:

@@ -23,12 +23,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from leapdecode.budget import LatencyCurve, curve_key, curve_path
 from leapdecode.decode import GenerationConfig
 from leapdecode.draft_length import StepCost
 from leapdecode.drafters.registry import info, make_drafter, parse_options
@@ -37,6 +35,7 @@ from leapdecode.models.load import load_model
 from leapdecode.serve.loadgen import load_prompts
 from leapdecode.serve.scheduler import Scheduler, SchedulerConfig
 from leapdecode.serve.sequence import Failed, Finished, Sequence, TextAssembler
+from measure_drafters import plant_curve  # scripts/ is on sys.path when this script runs
 
 VARIANTS = ("fresh", "shared")
 
@@ -110,13 +109,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model = load_model(args.model, device=args.device, dtype="float32")
-    ms = dict(sorted((int(k), float(v)) for k, v in json.loads(Path(args.curve).read_text()).items()))
-    os.environ["LEAPDECODE_CACHE"] = tempfile.mkdtemp(prefix="leapdecode-sim-")  # the planted curve lives here
-    key = curve_key(model.name, model.device, model.dtype, model.runner_kind())
-    curve = LatencyCurve(tuple(ms), tuple(v / 1000 for v in ms.values()), key)
-    curve_path(key).parent.mkdir(parents=True, exist_ok=True)
-    curve_path(key).write_text(json.dumps(curve.to_json()))  # drafters with tree_budget=auto read it
-    cost = StepCost({n + 1: v / 1000 for n, v in ms.items()}, weight=0.0)
+    curve = plant_curve(model, Path(args.curve))  # drafters with tree_budget=auto read it
+    cost = StepCost({n + 1: sec for n, sec in zip(curve.sizes, curve.seconds)}, weight=0.0)
 
     name, _, opts = args.drafter.partition(":")
     options = parse_options(opts.split(":") if opts else [])

@@ -103,19 +103,19 @@ class ChainStats:
                                 for n in range(max_ngram + 1)])  # [n]
         self._clock = [0]  # evidence recorded so far, shared with forks (their cached probs expire with it)
         self._probs: np.ndarray | None = None
-        self._probs_at = -1  # the clock when _probs was computed
+        self._probs_at = -1  # the clock when _probs was computed (-1: never, or the recent evidence changed)
 
     def fork(self) -> ChainStats:
         """Statistics for another request: the long-run counts are shared (updated in place), the recent ones are
         its own."""
         other = copy.copy(self)
         other.recent_at_risk = other.recent_survived = 0.0
-        other._probs, other._probs_at = None, -1
+        other._probs_at = -1
         return other
 
     def probs(self, n: int) -> np.ndarray:
         """[max_chain] P(chain node d + 1 is accepted) for a match of length n, non-increasing in d."""
-        if self._probs is None or self._probs_at != self._clock[0]:
+        if self._probs_at != self._clock[0]:
             self._probs_at = self._clock[0]
             rates = (self.survived + PRIOR_STEPS * self._prior[:, None]) / (self.at_risk + PRIOR_STEPS)  # [n, d]
             if self.memory > 0.0:
@@ -135,12 +135,11 @@ class ChainStats:
             self.recent_at_risk = self.memory * self.recent_at_risk + tried
             self.recent_survived = self.memory * self.recent_survived + agree
         self._clock[0] += 1
-        self._probs = None
 
     def new_request(self) -> None:
         """Forget the recent evidence (a new request); the long-run rates stay."""
         self.recent_at_risk = self.recent_survived = 0.0
-        self._probs = None
+        self._probs_at = -1
 
 
 class _Lookup(PromptLookup):
@@ -203,7 +202,11 @@ class Hybrid:
         self.lookup.reset(prompt, sampling)
         self.recycling.reset(prompt, sampling)
         self.chain_stats.new_request()
-        self._match, self._chain_nodes, self._origin, self._last_draft = (0, []), [], {}, None
+        self._clear_step()
+
+    def _clear_step(self) -> None:
+        """Drop what the last propose left for observe."""
+        self._match, self._chain_nodes, self._selected, self._origin, self._last_draft = (0, []), [], [], {}, None
 
     def fork(self) -> Hybrid:
         """A drafter for another request running at the same time (the server's share_drafter_state): it shares the
@@ -214,8 +217,7 @@ class Hybrid:
         other.lookup = _Lookup(max_ngram=self.max_ngram, min_ngram=1, num_draft_tokens=self.max_chain)
         other.recycling = self.recycling.fork()
         other.chain_stats = self.chain_stats.fork()
-        other._match, other._chain_nodes, other._selected, other._origin = (0, []), [], [], {}
-        other._last_draft = None
+        other._clear_step()
         other.steps = other.nodes = other.chain_nodes = 0
         return other
 

@@ -303,7 +303,7 @@ def target_options(kwargs: dict[str, Any], target: Any) -> dict[str, Any]:
     kwargs = dict(kwargs)
     if target is not None:
         kwargs.setdefault("vocab_size", target.vocab_size)
-        if str(kwargs.get("tree_budget", "auto")).strip().lower() == "auto":
+        if is_auto(kwargs.get("tree_budget", AUTO)):
             kwargs["latency_curve"] = cached_latency_curve(target)
     kwargs["table_path"] = resolve_table(kwargs.get("table_path", AUTO), target, "recycling.pt")
     return kwargs
