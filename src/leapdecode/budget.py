@@ -164,12 +164,16 @@ def _load_average() -> float | None:
 
 
 def curve_key(model_name: str, device: torch.device | str, dtype: torch.dtype | str, runner: str = "") -> str:
-    """What a curve depends on: model, device (with its name on CUDA), dtype, runner kind ("fast" or "hf"), torch
-    version and CPU threads."""
+    """What a curve depends on: model, device (with its name on CUDA, with the product kernel on the CPU), dtype,
+    runner kind ("fast" or "hf"), torch version and CPU threads."""
     device = torch.device(device)
     where = str(device)
     if device.type == "cuda":
         where += "-" + torch.cuda.get_device_name(device)
+    elif device.type == "cpu" and runner == "fast":
+        from leapdecode.models.fast import skinny
+
+        where += "-" + skinny.tag()
     return f"{model_name}|{where}|{str(dtype).removeprefix('torch.')}|{runner or 'runner'}|" \
            f"torch-{torch.__version__}|threads-{torch.get_num_threads()}"
 

@@ -1,21 +1,17 @@
 """CPU weight layouts: the fast runner's matrix products on a CPU, in the layouts the CPU reads fastest.
 
 On a CPU a decode step streams every weight from memory, so a step costs what reading the weights costs, and that
-depends on the layout and on the number of rows (R) in the product. `python scripts/cpu_matmul.py` (2026-11-29,
-the 2-core development machine, AMD EPYC with AVX2, torch 2.13) times 30 layers of SmolLM2-135M's fused gate/up
-[3072, 576] (212 MB), ms per pass:
+depends on the layout and on the number of rows (R) in the product. `python scripts/cpu_matmul.py` times 30 layers
+of SmolLM2-135M's fused gate/up [3072, 576] float32 (212 MB) in each layout (BENCHMARKS.md section 0c has the
+table, with machine and date):
+- the skinny kernel (skinny.py): the weight as stored, read once for all rows; the fastest up to 64 rows, and each
+  row's result independent of the others. Used for steps of up to skinny.MAX_ROWS rows wherever it builds;
+- oneDNN's linear with the weight pre-packed into its blocked layout (torch's `mkldnn._linear_pointwise`, the op
+  torch.compile's CPU freezing pass uses): several rows, and every row count above the kernel's (prefill);
+- a stored transposed copy [in, out] for one row (a matrix-vector product), where the kernel is unavailable;
+- W @ x^T on the weight as stored, where oneDNN cannot pack the dtype.
 
-| rows                                   |    1 |    2 |    5 |    9 |   17 |   33 |
-|----------------------------------------|-----:|-----:|-----:|-----:|-----:|-----:|
-| x @ W^T, W^T stored [in, out] (MKL)    | 15.1 | 26.4 | 84.9 | 84.0 | 85.9 | 120.9 |
-| W @ x^T, W stored [out, in] (MKL)      | 26.5 | 20.1 | 24.3 | 37.5 | 47.3 | 69.1 |
-| oneDNN, W packed once for 64 rows      | 17.7 | 20.5 | 21.8 | 25.8 | 36.4 | 52.1 |
-
-So one row reads a stored transposed copy (a matrix-vector product, the plain-decoding step), and several rows go
-through oneDNN's linear with the weight pre-packed into its blocked layout (torch's own `mkldnn._linear_pointwise`,
-the op torch.compile's CPU freezing pass uses). Verifying a few draft tokens then costs little more than decoding
-one: the condition for speculation to pay on a CPU. Where oneDNN cannot pack the dtype, several rows use W @ x^T.
-The price is memory: two more copies of the projection weights.
+The price is memory: one more copy of the projection weights with the kernel (the packed one), two without it.
 """
 
 from __future__ import annotations
@@ -26,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from leapdecode.models.fast import skinny
+
 PACK_ROWS = 64  # the row count oneDNN tunes the packed layout for; any row count runs on it
 
 
@@ -33,18 +31,24 @@ PACK_ROWS = 64  # the row count oneDNN tunes the packed layout for; any row coun
 class CpuLinear:
     """One projection W [out, in] in its CPU layouts."""
 
-    transposed: torch.Tensor  # [in, out] contiguous: one-row products
+    transposed: torch.Tensor | None  # [in, out] contiguous: one-row products without the kernel
     packed: torch.Tensor | None  # oneDNN's blocked layout of W (an mkldnn tensor), or None: several-row products
+    kernel: bool = False  # up to skinny.MAX_ROWS rows through the skinny kernel, on W as stored
 
     @staticmethod
-    def of(weight: torch.Tensor) -> CpuLinear:
+    def of(weight: torch.Tensor, kernel: bool = True) -> CpuLinear:
+        """The layouts of `weight`; kernel=False keeps to torch's products even where the skinny kernel builds."""
+        kernel = kernel and skinny.fits(weight)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if onednn_packs(weight.dtype) else None
-        return CpuLinear(weight.t().contiguous(), packed)
+        return CpuLinear(None if kernel else weight.t().contiguous(), packed, kernel)
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, layouts: CpuLinear, bias: torch.Tensor | None) -> torch.Tensor:
     """x [R, in] @ weight.T (+ bias) -> [R, out], through the layout that is fastest for R rows (see above)."""
-    if x.shape[0] == 1:
+    rows = x.shape[0]
+    if layouts.kernel and rows <= skinny.MAX_ROWS:
+        out = skinny.linear(x, weight)
+    elif rows == 1 and layouts.transposed is not None:
         out = x @ layouts.transposed
     elif layouts.packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layouts.packed, bias, "none", [], "")

@@ -42,9 +42,11 @@ class FastConfig:
         two from there, so a step scans at most twice its context.
     prefill_chunk: rows per eager prefill forward (bounds the mask's memory).
     timing: record CUDA events around every step so that gpu_seconds() can say how long the GPU worked.
-    cpu_layouts: keep every projection also in the layouts the CPU reads fastest (None = on for CPU devices): a
-        transposed copy for one-row steps and a oneDNN-packed copy for several-row steps; two more copies of the
-        projection weights for faster steps, see models/fast/cpu.py.
+    cpu_layouts: keep every projection also in the layouts the CPU reads fastest (None = on for CPU devices): the
+        skinny kernel on the weights as stored for steps of up to 64 rows and a oneDNN-packed copy for more (where
+        the kernel does not build: a transposed copy for one-row steps and the packed one for several), see
+        models/fast/cpu.py and skinny.py.
+    cpu_kernel: with cpu_layouts, use the skinny kernel where it builds (False: torch's products only).
     """
 
     graphs: bool | None = None
@@ -55,6 +57,7 @@ class FastConfig:
     prefill_chunk: int = 512
     timing: bool = False
     cpu_layouts: bool | None = None
+    cpu_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.capacity is not None and self.capacity < 1:
@@ -81,7 +84,7 @@ class FastRunner:
         self.vocab_size = self.spec.vocab_size
         cuda = self.device.type == "cuda"
         if config.cpu_layouts if config.cpu_layouts is not None else self.device.type == "cpu":
-            add_cpu_layouts(self.weights)
+            add_cpu_layouts(self.weights, config.cpu_kernel)
         use_graphs = cuda if config.graphs is None else config.graphs
         if use_graphs and not cuda:
             raise ValueError(f"graphs=True needs a CUDA device; the model is on {self.device}")

@@ -99,13 +99,13 @@ class Weights:
     lm_head_cpu: CpuLinear | None = None  # CPU only, see add_cpu_layouts
 
 
-def add_cpu_layouts(weights: Weights) -> None:
+def add_cpu_layouts(weights: Weights, kernel: bool = True) -> None:
     """Give every projection its CPU layouts (cpu.CpuLinear): faster steps, above all several-row verify steps,
-    for two more copies of the projection weights."""
+    for one or two more copies of the projection weights. kernel=False: torch's products only (no skinny kernel)."""
     for layer in weights.layers:
-        layer.qkv_cpu, layer.o_cpu = CpuLinear.of(layer.qkv), CpuLinear.of(layer.o)
-        layer.gate_up_cpu, layer.down_cpu = CpuLinear.of(layer.gate_up), CpuLinear.of(layer.down)
-    weights.lm_head_cpu = CpuLinear.of(weights.lm_head)
+        layer.qkv_cpu, layer.o_cpu = CpuLinear.of(layer.qkv, kernel), CpuLinear.of(layer.o, kernel)
+        layer.gate_up_cpu, layer.down_cpu = CpuLinear.of(layer.gate_up, kernel), CpuLinear.of(layer.down, kernel)
+    weights.lm_head_cpu = CpuLinear.of(weights.lm_head, kernel)
 
 
 def text_config(hf_model: Any) -> Any:
