@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/verify_profile.py [--model smollm2-135m-instruct] [--sizes 0,4,8] [--context 256]
 
-Prints the median step time per size, then torch's profiler table (operators by self CPU time, over 5 steps) for
+Prints the median step time per size and how much of it the skinny CPU kernel's matrix products took (they are
+C calls, invisible to torch's profiler), then torch's profiler table (operators by self CPU time, over 5 steps) for
 each size, so the extra cost of a several-row step can be attributed (matrix products, attention, the rest).
 """
 
@@ -16,6 +17,21 @@ from torch.profiler import ProfilerActivity, profile
 
 from leapdecode import load_model
 from leapdecode.drafters.base import Draft
+from leapdecode.models.fast import skinny
+
+
+class KernelClock:
+    """Wraps skinny.linear (as cpu.py calls it) to add up the seconds spent in the kernel."""
+
+    def __init__(self) -> None:
+        self.seconds, self._linear = 0.0, skinny.linear
+        skinny.linear = self
+
+    def __call__(self, x, weight):
+        start = time.perf_counter()
+        out = self._linear(x, weight)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 def main() -> None:
@@ -38,17 +54,24 @@ def main() -> None:
         runner.commit([])
         pos[0] += 1
 
+    clock = KernelClock()
     for size in sizes * 2:  # warm-up
         step(size)
-    medians = {}
-    for size in sizes:
-        times = []
-        for _ in range(args.repeats):
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    in_kernel: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(args.repeats):  # round-robin over the sizes, so a busy moment falls on all of them
+        for size in sizes:
+            clock.seconds = 0.0
             start = time.perf_counter()
             step(size)
-            times.append(time.perf_counter() - start)
-        medians[size] = statistics.median(times) * 1000
+            times[size].append(time.perf_counter() - start)
+            in_kernel[size].append(clock.seconds)
+    medians = {size: statistics.median(times[size]) * 1000 for size in sizes}
+    kernel = {size: statistics.median(in_kernel[size]) * 1000 for size in sizes}
     print(" | ".join(f"{size} nodes: {ms:.1f} ms ({ms / medians[sizes[0]]:.2f}x)" for size, ms in medians.items()))
+    if skinny.available():
+        print("in the skinny kernel's products: " + " | ".join(
+            f"{size} nodes: {kernel[size]:.1f} ms, the rest {medians[size] - kernel[size]:.1f} ms" for size in sizes))
     for size in sizes:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
