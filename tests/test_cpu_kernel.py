@@ -17,7 +17,7 @@ from leapdecode.models.fast import skinny
 from leapdecode.models.fast.cpu import CpuLinear, cpu_linear
 from leapdecode.models.tiny import tiny_model
 
-CANNOT_BUILD = ("no C compiler", "lacks AVX2", "written for x86-64", "turned off")
+CANNOT_BUILD = ("no C compiler", "lacks AVX2", "written for x86-64", "cannot read this CPU", "turned off")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,15 @@ def test_agrees_with_torch(kernel, rows, k, n):
     exact = (x.double() @ w.double().t())
     assert out.shape == (rows, n) and out.dtype == torch.float32
     assert torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+def test_strided_input_is_made_contiguous(kernel):
+    gen = torch.Generator().manual_seed(4)
+    wide, w = torch.randn(5, 2 * 40, generator=gen), torch.randn(13, 40, generator=gen)
+    x = wide[:, ::2]  # [5, 40], not contiguous
+    assert not x.is_contiguous()
+    assert torch.equal(kernel.linear(x, w), kernel.linear(x.contiguous(), w))
+    assert torch.equal(kernel.linear(x.t().contiguous().t(), w), kernel.linear(x.contiguous(), w))
 
 
 def test_rows_do_not_depend_on_their_neighbours(kernel):
@@ -71,6 +80,8 @@ def test_bad_input_is_refused_with_its_shape_and_dtype(kernel):
         kernel.linear(torch.randn(2, 8), torch.randn(4, 9))
     with pytest.raises(ValueError, match="contiguous"):
         kernel.linear(torch.randn(2, 8), torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match=r"\(2, 3, 8\)"):
+        kernel.linear(torch.randn(2, 3, 8), torch.randn(4, 8))
 
 
 def test_cpu_linear_routes_rows_to_the_kernel_and_beyond(kernel):
@@ -93,6 +104,22 @@ def test_switch_turns_it_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["turned off by LEAPDECODE_CPU_KERNEL=0", "torch"]
+
+
+def test_a_compiler_without_openmp_builds_the_one_thread_kernel(kernel, tmp_path):
+    """A compiler that refuses -fopenmp (as clang without libomp does) still gives a working kernel."""
+    real = skinny._compiler()
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, CC=str(wrapper), LEAPDECODE_CACHE=str(tmp_path / "cache"))
+    code = ("import torch; from leapdecode.models.fast import skinny; print(skinny.unavailable_reason()); "
+            "x, w = torch.randn(3, 20), torch.randn(9, 20); "
+            "print(torch.allclose(skinny.linear(x, w), x @ w.t(), atol=1e-5))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["None", "True"]
+    assert len(list((tmp_path / "cache" / "kernels").glob("skinny-*.so"))) == 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

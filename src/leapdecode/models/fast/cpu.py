@@ -4,8 +4,9 @@ On a CPU a decode step streams every weight from memory, so a step costs what re
 depends on the layout and on the number of rows (R) in the product. `python scripts/cpu_matmul.py` times 30 layers
 of SmolLM2-135M's fused gate/up [3072, 576] float32 (212 MB) in each layout (BENCHMARKS.md section 0c has the
 table, with machine and date):
-- the skinny kernel (skinny.py): the weight as stored, read once for all rows; the fastest up to 64 rows, and each
-  row's result independent of the others. Used for steps of up to skinny.MAX_ROWS rows wherever it builds;
+- the skinny kernel (skinny.py): the weight as stored, read once for all rows, each row's result independent of
+  the others; the whole step is faster with it up to 49 rows, oneDNN from 65. Used for steps of up to
+  skinny.MAX_ROWS rows wherever it builds;
 - oneDNN's linear with the weight pre-packed into its blocked layout (torch's `mkldnn._linear_pointwise`, the op
   torch.compile's CPU freezing pass uses): several rows, and every row count above the kernel's (prefill);
 - a stored transposed copy [in, out] for one row (a matrix-vector product), where the kernel is unavailable;

@@ -55,6 +55,7 @@ static inline float dot1(const float* x, const float* w, int64_t K) {
 
 void leap_skinny(const float* x, const float* w, float* y, int64_t R, int64_t K, int64_t N, int threads) {
   const int64_t blocks = (N + 7) / 8;
+  (void)threads; /* unused in a build without OpenMP */
   #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * 8;

@@ -3,9 +3,11 @@
 A decode step on a CPU streams every weight from memory once per step. torch's general products do more than that
 for a handful of rows (MKL and oneDNN copy or re-block the weight, or read it once per row), so a verify step of
 five rows cost about 1.3x a one-row step. skinny.c reads each block of 8 weight rows from memory once and applies it
-to every row of x while it is in the cache, with AVX2 fused multiply-adds and torch's OpenMP threads. On the 2-core
-development machine it makes 30 layers of SmolLM2-135M's projections faster for every row count up to 64 than both
-torch layouts (`python scripts/cpu_matmul.py`, BENCHMARKS.md section 0c), and it needs no copy of the weights.
+to every row of x while it is in the cache, with AVX2 fused multiply-adds, on as many OpenMP threads as torch uses
+(the same OpenMP runtime where torch ships libgomp, as its Linux wheels do). On the 2-core development machine
+SmolLM2-135M's whole verify step is faster with it than with torch's layouts at every size up to 48 draft nodes (49
+rows; `python scripts/latency_curve.py --compare-kernel`), oneDNN's packed product is faster from 65 rows
+(`python scripts/cpu_matmul.py`; BENCHMARKS.md section 0c has both), and it needs no copy of the weights.
 
 Every y[r, j] is summed in one fixed order whatever the number of rows, the block or the thread, so a row's
 products do not depend on the rows beside it: a one-row step and a verify step multiply the same token's
@@ -13,8 +15,9 @@ activations to the same bits (the attention and the rest are torch's and may sti
 
 The kernel is compiled the first time it is needed, with the machine's C compiler (`cc`, or $CC), into the model
 cache (`$LEAPDECODE_CACHE/kernels`, else ~/.cache/leapdecode/kernels), and checked against torch on random data
-before use. Where it cannot be (no compiler, a CPU without AVX2 and FMA, not x86-64, a failed build or check, or
-LEAPDECODE_CPU_KERNEL=0), `unavailable_reason()` says why and the fast runner falls back to torch's layouts.
+before use; a compiler without OpenMP gets a one-thread build. Where it cannot be (no compiler, not Linux on x86-64,
+a CPU without AVX2 and FMA, a failed build or check, or LEAPDECODE_CPU_KERNEL=0), `unavailable_reason()` says why
+and the fast runner falls back to torch's layouts.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("skinny.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")  # no -ffast-math: the order of sums is fixed
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")  # no -ffast-math: the order of sums is fixed
+OPENMP = "-fopenmp"  # tried first; without it the kernel runs on one thread
 ENV_SWITCH = "LEAPDECODE_CPU_KERNEL"
 MAX_ROWS = 64  # above this, oneDNN's packed product is faster (BENCHMARKS.md section 0c); prefill goes there
 
@@ -52,6 +56,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(f"the skinny CPU kernel is unavailable: {unavailable_reason()}")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"skinny.linear needs x [R, K] and weight [N, K]; got shapes {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
     x = x.contiguous()
     rows, k = x.shape
     n = weight.shape[0]
@@ -82,7 +89,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"the kernel is written for x86-64 (AVX2), this machine is {platform.machine()}"
     flags = _cpu_flags()
-    if flags is not None and not {"avx2", "fma"} <= flags:
+    if flags is None:  # running AVX2 code on a CPU without it would kill the process, so do not guess
+        return None, "cannot read this CPU's features from /proc/cpuinfo (the kernel needs Linux on x86-64)"
+    if not {"avx2", "fma"} <= flags:
         return None, "this CPU lacks AVX2 or FMA"
     compiler = _compiler()
     if compiler is None:
@@ -102,7 +111,7 @@ def _cpu_flags() -> set[str] | None:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None  # not Linux: let the build and the check decide
+        return None
     for line in text.splitlines():
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
@@ -118,7 +127,7 @@ def _compiler() -> str | None:
 
 @functools.cache
 def _digest() -> str:
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join((*FLAGS, OPENMP)).encode()).hexdigest()
 
 
 def _build(compiler: str) -> Path:
@@ -134,9 +143,12 @@ def _build(compiler: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".so.tmp", delete=False) as f:
         tmp = f.name
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
+        for extra in ([OPENMP], []):  # a compiler without an OpenMP runtime builds the one-thread kernel
+            done = subprocess.run([compiler, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True,
+                                  text=True, timeout=120)
+            if done.returncode == 0:
+                break
+        else:
             raise OSError(f"{Path(compiler).name} exited with {done.returncode}: {done.stderr}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
