@@ -40,6 +40,7 @@ from torch import nn
 
 from leapdecode.distill import corpus_prompts, generate_corpus, with_passages
 from leapdecode.models.load import load_model
+from measure_drafters import questions as spec_bench_questions  # scripts/ is on sys.path when this script runs
 
 
 class DraftHead(nn.Module):
@@ -232,12 +233,8 @@ def main() -> None:
     allowed = torch.zeros(model.hf_model.get_output_embeddings().weight.shape[0], dtype=torch.bool,
                           device=args.device)
     allowed[[t for t, _ in counts.most_common(args.vocab)]] = True
-    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
-    by_cat: dict[str, list[dict]] = {}
-    for r in rows:
-        by_cat.setdefault(r["category"], []).append(r)
-    questions = [q for qs in by_cat.values() for q in qs[:args.per_category]]
-    answered = generate_corpus(model, [q["turns"][0] for q in questions], args.new_tokens, 256)
+    asked = spec_bench_questions(Path(args.data), args.per_category, None)
+    answered = generate_corpus(model, [q["turns"][0] for q in asked], args.new_tokens, 256)
     eval_seqs = [(p, a) for p, a in answered if len(a) > args.depth + 2]
     eval_feats = features(model, [p + a for p, a in eval_seqs])
     held_feats = features(model, [p + a for p, a in held])
