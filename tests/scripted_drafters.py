@@ -79,3 +79,22 @@ class OracleTreeDrafter(_Scripted):
                                   len(self.reference) else 0))
         parents.append(parent)
         return Draft.tree(tokens, parents)
+
+
+class EstimatingDrafter(OracleDrafter):
+    """An OracleDrafter that also states its nodes' acceptance chances (as hybrid does, for the server's
+    scheduler), `claimed` per node, and records every budget it was offered."""
+
+    name = "estimating"
+
+    def __init__(self, reference, vocab_size, right: int, claimed: float, length: int = 6,
+                 name: str = "estimating") -> None:
+        super().__init__(reference, vocab_size, right, length)
+        self.claimed, self.budgets, self.name = claimed, [], name
+
+    def acceptance_estimates(self, context, budget):
+        return [self.claimed] * min(budget, self.length)
+
+    def propose(self, context, budget):
+        self.budgets.append(budget)
+        return super().propose(context, budget)

@@ -195,6 +195,22 @@ def test_auto_size_buys_a_long_reliable_chain():
     assert_distinct_siblings(with_chain.tokens.tolist(), with_chain.parents.tolist())
 
 
+def test_acceptance_estimates_rank_the_nodes_it_would_draft():
+    # the same ranking as test_chain_and_tree_share_nodes: chain depth 1 (.45), template (0,) (.42), chain depth 2
+    # (.2), template (0, 0) (.18), ... most likely first, at most the budget (and a fixed tree_budget)
+    drafter = hybrid_with_rows(ROWS)
+    estimates = drafter.acceptance_estimates([5, 6, 7, 8, 5, 6], budget=4)
+    assert estimates.tolist() == pytest.approx([0.45, 0.42, 0.2, 0.18], abs=0.01)
+    assert drafter.acceptance_estimates([5, 6, 7, 8, 5, 6], budget=0).size == 0
+    many = drafter.acceptance_estimates([5, 6, 7, 8, 5, 6], budget=64)
+    assert len(many) > 4 and all(a >= b for a, b in zip(many, many[1:]))
+    no_match = drafter.acceptance_estimates([1, 2, 6], budget=64)  # the template alone
+    assert no_match[0] == pytest.approx(0.42, abs=0.01) and len(no_match) < len(many)
+    assert len(hybrid_with_rows(ROWS, tree_budget=2).acceptance_estimates([5, 6, 7, 8, 5, 6], budget=64)) == 2
+    # asking does not change what it drafts
+    assert drafter.propose([5, 6, 7, 8, 5, 6], budget=4).tokens.tolist() == [7, 8, 9, 11]
+
+
 def test_loop_budget_caps_everything():
     drafter = hybrid_with_rows(ROWS)
     assert drafter.propose([5, 6, 7, 8, 5, 6], budget=2).n == 2

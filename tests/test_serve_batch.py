@@ -22,7 +22,7 @@ from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.scheduler import Overloaded, Scheduler, SchedulerConfig, Unavailable
 from leapdecode.serve.sequence import Delta, Failed, Finished, Sequence, TextAssembler, needs_reproducible_drafts
 from leapdecode.draft_length import StepCost
-from scripted_drafters import OracleDrafter, OracleTreeDrafter, RandomDrafter
+from scripted_drafters import EstimatingDrafter, OracleDrafter, OracleTreeDrafter, RandomDrafter
 
 VOCAB = 64
 # frozen cost curves (weight 0: real step times do not move them), in units of a plain step
@@ -275,3 +275,25 @@ def test_forks_of_one_drafter_learn_together_and_stay_exact(tiny, runner, name):
     assert recycling.table.filled_rows() > 0
     assert recycling.template.trials.sum() > 0
     assert sum(r.stats.draft_tokens for r in results) > 0
+
+
+def test_rows_follow_the_drafters_estimates_and_their_record(tiny_models):
+    # without padding, the scheduler shares a step's rows by each drafter's own acceptance estimates, scaled by how
+    # they have matched the outcome: a row costs 0.3 of a plain step here, so a node must be likelier than that
+    model = tiny_models["llama"]
+    prompts, length = make_prompts()[3:5], 40
+    expected = [plain(model, p, length) for p in prompts]
+    per_row = StepCost({1: 1.0, 1 << 20: 1.0 + 0.3 * ((1 << 20) - 1)}, weight=0.0)
+    honest = EstimatingDrafter(prompts[0] + expected[0], VOCAB, right=6, claimed=0.9, name="honest")
+    boastful = EstimatingDrafter(prompts[1] + expected[1], VOCAB, right=0, claimed=0.9, name="boastful")
+    scheduler = Scheduler(batch_runner("fast", model, 2), SchedulerConfig(max_batch=2, max_draft=6), cost=per_row)
+    scheduler.start()
+    try:
+        config = GenerationConfig(max_new_tokens=length, ignore_eos=True)
+        results = run_all(scheduler, [(prompts[0], config, honest), (prompts[1], config, boastful)])
+    finally:
+        scheduler.stop()
+    assert [r.tokens for r in results] == expected  # whatever the budgets, the output is plain decoding's
+    assert sum(honest.budgets) >= 3 * len(honest.budgets)  # right every time: it keeps drafting deep
+    assert boastful.budgets[0] > 0  # taken at its word at first ...
+    assert boastful.budgets[-10:] == [0] * 10  # ... until its record says 0.9 means nothing: plain decoding

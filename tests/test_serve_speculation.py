@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from leapdecode.draft_length import AcceptanceEstimate, StepCost, choose_draft_length, own_draft_length
+from leapdecode.draft_length import (AcceptanceEstimate, DrafterCalibration, StepCost, choose_draft_length,
+                                    choose_draft_lengths, own_draft_length)
 
 
 def estimate_with(rate: float, proposal: float = 1.0) -> AcceptanceEstimate:
@@ -119,3 +120,61 @@ def test_step_cost_stays_non_decreasing():
     frozen = StepCost({1: 1.0, 8: 3.0}, weight=0.0)
     frozen.observe(8, 100.0)
     assert frozen.estimate(8) == 3.0
+
+
+def test_step_cost_prices_further_sequences():
+    cost = StepCost({1: 1.0, 9: 2.0}, weight=0.5, per_sequence=0.25)
+    assert cost.estimate(4, sequences=4) == pytest.approx(1.375 + 3 * 0.25)  # curve at 4 rows + 3 more sequences
+    assert cost.estimate(4) == cost.curve(4) == pytest.approx(1.375)
+    cost.observe(9, 3.0, sequences=5)  # what the curve does not explain, per further sequence: (3 - 2) / 4 = 0.25
+    assert cost.per_sequence == pytest.approx(0.25) and cost.points[9] == 2.0
+    cost.observe(9, 6.0, sequences=5)  # (6 - 2) / 4 = 1.0; weight 0.5: 0.5 * 0.25 + 0.5 * 1.0
+    assert cost.per_sequence == pytest.approx(0.625) and cost.points[9] == 2.0
+    cost.observe(9, 3.0)  # one sequence: the curve moves, 0.5 * 2 + 0.5 * 3
+    assert cost.points[9] == pytest.approx(2.5) and cost.per_sequence == pytest.approx(0.625)
+    with pytest.raises(ValueError, match="per_sequence"):
+        StepCost({1: 1.0}, per_sequence=-1.0)
+
+
+def test_rows_go_to_the_sequences_likeliest_to_gain():
+    # a row costs 0.1 of a step's base (1 + 3 sequences x 1 = 4 plus 0.1 per row beyond 4): a node pays when its
+    # chance beats (tokens per second now) x 0.1, about 0.1 x 4 / 4 = 0.1 at first
+    cost = StepCost({1: 1.0, 4: 1.0, 1 << 20: 1.0 + 0.1 * ((1 << 20) - 4)}, per_sequence=1.0)
+    gains = [[0.9, 0.8, 0.7, 0.05], [0.02, 0.01], [0.5, 0.3, 0.2, 0.15, 0.12], []]
+    lengths = choose_draft_lengths(gains, cost)
+    assert lengths[0] >= 3 and lengths[1] == 0 and lengths[3] == 0 and 1 <= lengths[2] <= 5
+    assert lengths[0] < 4  # 0.05 does not pay
+    flat = StepCost({1: 1.0, 1 << 20: 1.0})
+    assert choose_draft_lengths(gains, flat) == [4, 2, 5, 0]  # free rows: every node with a chance
+    assert choose_draft_lengths([[0.0, 0.0]], flat) == [0]  # no chance, no row (ties go to fewer rows)
+    steep = StepCost({1: 1.0, 2: 50.0})
+    assert choose_draft_lengths(gains, steep) == [0, 0, 0, 0]  # any row is ruinous: plain decoding
+
+
+def test_rows_per_sequence_match_the_common_length_for_one_sequence():
+    # one sequence: the greedy order is depth order, so the rule agrees with choose_draft_length
+    cost = StepCost({1: 1.0, 8: 1.14, 64: 8.0})
+    for rate in (0.1, 0.5, 0.8, 0.95):
+        e = estimate_with(rate)
+        assert choose_draft_lengths([e.gains(32)], cost) == [choose_draft_length([e], [32], 1, cost, 32,
+                                                                                   padded=False)]
+
+
+def test_fixed_sequences_count_in_the_step():
+    # a reproducible sequence with a 6-node draft: its rows are in the step whatever the others do
+    cost = StepCost({1: 1.0, 8: 1.0, 9: 3.0})  # free up to 8 rows, ruinous beyond
+    assert choose_draft_lengths([[0.5] * 8], cost) == [7]  # alone: 8 rows are free
+    assert choose_draft_lengths([[0.5] * 8], cost, fixed=[(estimate_with(0.5), 6)]) == [0]  # 8 rows are used
+
+
+def test_drafter_calibration_scales_towards_the_outcome():
+    cal = DrafterCalibration(decay=1.0, prior=5.0)
+    assert cal.factor == 1.0  # no evidence: the drafter is taken at its word
+    cal.observe(predicted=10.0, accepted=5)  # (5 + 5) / (10 + 5)
+    assert cal.factor == pytest.approx(10 / 15)
+    for _ in range(100):
+        cal.observe(predicted=10.0, accepted=0)
+    assert cal.factor == cal.low  # never below the floor: estimates stay usable
+    for _ in range(1000):
+        cal.observe(predicted=0.1, accepted=3)
+    assert cal.factor == cal.high

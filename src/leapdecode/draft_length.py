@@ -13,13 +13,19 @@ well each sequence's drafter has been doing.
   behaviour. Under a geometric model, offering k yields p (a + a^2 + ... + a^k) accepted tokens on average. The
   counts also decay on steps offered nothing, so a sequence that stopped drafting drifts back to the priors and is
   probed again later: a bad estimate cannot lock speculation off for good.
-- `StepCost` maps the rows of a step (batch width x rows per sequence, padding included) to seconds, calibrated at
-  start-up and refined by every step the scheduler runs.
+- `StepCost` prices a step: a curve of seconds by the rows of one sequence's step, plus a cost per further sequence
+  in the step (a batched forward attends per sequence, against its own cache: on SmolLM2 on the 2-core CPU that is
+  several milliseconds per sequence, a 16-sequence step costs about twice a 16-row step of one sequence). Both are
+  calibrated at start-up and refined by every step the scheduler runs: one-sequence steps correct the curve, steps
+  of several sequences the per-sequence cost.
 - `choose_draft_length` picks the common draft length k that maximises expected emitted tokens per second for the
-  whole batch: (B + sum_b E_b(k)) / cost(B * (1 + k)). k = 0 is plain decoding, whose value is B / cost(B), so k > 0
-  is chosen only when the model of the step predicts more tokens per second than not speculating.
-Because steps are right-padded to the widest sequence, every sequence is offered the same k (a shorter draft would
-save nothing); `own_draft_length` is the batch-independent rule for requests that must be reproducible.
+  whole batch: (B + sum_b E_b(k)) / cost(rows, B). k = 0 is plain decoding, whose value is B / cost(B, B), so k > 0
+  is chosen only when the model of the step predicts more tokens per second than not speculating. A padded step
+  (serve.batch_runner) is as wide as its widest sequence, so every sequence is offered the same k.
+- `choose_draft_lengths` does the same per sequence for a runner without padding (models.fast.batch), where a row
+  costs the same whichever sequence it belongs to: the rows go to the sequences whose next drafted position is
+  likeliest to be accepted, as many as pay (so under load only the sequences that draft well draft at all).
+`own_draft_length` is the batch-independent rule for requests that must be reproducible.
 """
 
 from __future__ import annotations
@@ -81,27 +87,62 @@ class AcceptanceEstimate:
             self.tried += accepted + (1 if accepted < drafted_depth else 0)
             self.accepted += accepted
 
+    def gains(self, k: int) -> list[float]:
+        """Probability that drafted position j = 1..k is accepted: proposal rate x a^j (non-increasing)."""
+        a, p = self.rate, self.proposal_rate
+        return [p * a**j for j in range(1, max(k, 0) + 1)]
+
     def expected_accepted(self, k: int) -> float:
         """Mean accepted tokens when offered k: proposal rate x (a + a^2 + ... + a^k) for a k-long chain."""
         a = self.rate
         return self.proposal_rate * a * (1.0 - a**k) / (1.0 - a) if k > 0 else 0.0
 
 
-class StepCost:
-    """Seconds per verification pass as a function of its rows (batch width x rows per sequence).
+@dataclass
+class DrafterCalibration:
+    """How a drafter's own acceptance estimates compare with what the target accepts: a factor that scales them.
 
-    Piecewise linear between known points; beyond the largest point it grows in proportion to the rows (a
-    compute-bound pass). `observe` moves the estimate at the observed size towards what a real step took (by
-    `weight`; 0 freezes the curve) and keeps the curve non-decreasing.
+    A drafter that estimates each node's chance (hybrid) may be optimistic or pessimistic on the text at hand; the
+    server multiplies its estimates by (accepted + prior) / (predicted + prior), from decayed sums over recent
+    steps, before it shares a step's rows out (choose_draft_lengths), kept within [low, high].
     """
 
-    def __init__(self, points: dict[int, float], weight: float = 0.1) -> None:
+    decay: float = 0.98  # per observed step: evidence older than a few dozen steps fades
+    prior: float = 5.0  # tokens of evidence that the estimates are right (factor 1 until steps say otherwise)
+    low: float = 0.25
+    high: float = 1.5
+    predicted: float = 0.0  # expected accepted tokens of the drafted nodes (the drafter's own, unscaled)
+    accepted: float = 0.0
+
+    @property
+    def factor(self) -> float:
+        return min(max((self.accepted + self.prior) / (self.predicted + self.prior), self.low), self.high)
+
+    def observe(self, predicted: float, accepted: int) -> None:
+        self.predicted = self.decay * self.predicted + predicted
+        self.accepted = self.decay * self.accepted + accepted
+
+
+class StepCost:
+    """Seconds per verification pass: curve(rows) + (sequences - 1) x per_sequence.
+
+    The curve maps the rows of one sequence's step to seconds, piecewise linear between known points; beyond the
+    largest point it grows in proportion to the rows (a compute-bound pass). `per_sequence` is what each further
+    sequence in a step adds whatever its rows (its own attention and cache writes). `observe` moves the estimate
+    towards what a real step took (by `weight`; 0 freezes it): a step of one sequence moves the curve at its rows
+    (kept non-decreasing), a step of several moves the per-sequence cost.
+    """
+
+    def __init__(self, points: dict[int, float], weight: float = 0.1, per_sequence: float = 0.0) -> None:
         if not points or any(n < 1 or t <= 0 for n, t in points.items()):
             raise ValueError(f"StepCost needs points {{rows >= 1: seconds > 0}}, got {points}")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1] (0 = never learn), got {weight}")
+        if per_sequence < 0:
+            raise ValueError(f"per_sequence must be >= 0 seconds, got {per_sequence}")
         self.points = dict(points)
         self.weight = weight
+        self.per_sequence = per_sequence
         self._monotone()
 
     @staticmethod
@@ -110,7 +151,12 @@ class StepCost:
         row up to 8 costs 2 % of a step (a draft must earn that), beyond 8 rows cost grows in proportion."""
         return StepCost({1: 1.0, 8: 1.14, 64: 8.0})
 
-    def estimate(self, rows: int) -> float:
+    def estimate(self, rows: int, sequences: int = 1) -> float:
+        """Seconds of a step of `rows` rows in all, spread over `sequences` sequences."""
+        return self.curve(rows) + max(sequences - 1, 0) * self.per_sequence
+
+    def curve(self, rows: int) -> float:
+        """Seconds of one sequence's step of `rows` rows."""
         ns = sorted(self.points)
         if rows <= ns[0]:
             return self.points[ns[0]]
@@ -123,10 +169,15 @@ class StepCost:
         frac = (rows - lo) / (hi - lo)
         return self.points[lo] + frac * (self.points[hi] - self.points[lo])
 
-    def observe(self, rows: int, seconds: float) -> None:
-        if rows >= 1 and seconds > 0 and self.weight > 0:
-            self.points[rows] = (1.0 - self.weight) * self.estimate(rows) + self.weight * seconds
+    def observe(self, rows: int, seconds: float, sequences: int = 1) -> None:
+        if rows < 1 or seconds <= 0 or self.weight == 0 or sequences < 1:
+            return
+        if sequences == 1:
+            self.points[rows] = (1.0 - self.weight) * self.curve(rows) + self.weight * seconds
             self._monotone(rows)
+        else:  # what the curve does not explain is spread over the further sequences
+            extra = max(seconds - self.curve(rows), 0.0) / (sequences - 1)
+            self.per_sequence = (1.0 - self.weight) * self.per_sequence + self.weight * extra
 
     def _monotone(self, anchor: int | None = None) -> None:
         """Keep cost non-decreasing in rows (noise must not make a wider step look cheaper than a narrower one):
@@ -162,10 +213,40 @@ def choose_draft_length(estimates: Sequence[AcceptanceEstimate], caps: Sequence[
     for k in range(max_draft + 1):
         gain = fixed_gain + sum(e.expected_accepted(min(k, cap)) for e, cap in zip(estimates, caps))
         rows = width * (1 + max(k, floor)) if padded else fixed_rows + sum(1 + min(k, cap) for cap in caps)
-        rate = (emitting + gain) / cost.estimate(rows)
+        rate = (emitting + gain) / cost.estimate(rows, width)
         if rate > best_rate * (1.0 + 1e-9):  # prefer the shorter draft on ties
             best_k, best_rate = k, rate
     return best_k
+
+
+def choose_draft_lengths(gains: Sequence[Sequence[float]], cost: StepCost,
+                         fixed: Sequence[tuple[AcceptanceEstimate, int]] = ()) -> list[int]:
+    """Per-sequence draft lengths for a step without padding (each sequence costs its own 1 + k rows): the lengths
+    that maximise expected emitted tokens per second of the step.
+
+    gains[b][j]: the probability that the (j + 1)-th node of adaptive sequence b's draft is accepted, non-increasing
+    in j, as many as it may draft now (its drafter's own estimates, Drafter.acceptance_estimates, or
+    AcceptanceEstimate.gains). The rows are handed out in order of those probabilities, best first, and the step is
+    cut after the prefix of that order with the highest expected rate; all zeros is plain decoding. fixed:
+    (estimate, length) of sequences already decided.
+    """
+    sequences = len(gains) + len(fixed)
+    base_rows = sequences + sum(k for _, k in fixed)
+    base_gain = sequences + sum(e.expected_accepted(k) for e, k in fixed)  # every sequence emits its bonus token
+    candidates = sorted(((float(g), j, b) for b, row in enumerate(gains) for j, g in enumerate(row)),
+                        key=lambda c: (-c[0], c[1], c[2]))  # per sequence, node j comes before node j + 1
+    best, best_rate, gain = 0, base_gain / cost.estimate(base_rows, sequences), base_gain
+    for taken, (value, _, _) in enumerate(candidates, start=1):
+        if value <= 0.0:
+            break
+        gain += value
+        rate = gain / cost.estimate(base_rows + taken, sequences)
+        if rate > best_rate * (1.0 + 1e-9):  # prefer fewer rows on ties
+            best, best_rate = taken, rate
+    lengths = [0] * len(gains)
+    for _, _, b in candidates[:best]:
+        lengths[b] += 1
+    return lengths
 
 
 class ChainLength:

@@ -99,6 +99,12 @@ class Drafter(Protocol):
     one has learned (a table, acceptance counts), with its own per-request state; the server uses it with
     --share-drafter-state. Forks are used from one thread (the server's scheduler); only fork() itself may run
     elsewhere.
+
+    Optional: `acceptance_estimates(context, budget) -> sequence of float`, the estimated probability that each
+    node of the draft it would propose for this context is accepted, most likely first, at most `budget` of them
+    (the expected accepted tokens of a k-node draft are the sum of the first k). The server's scheduler uses them to
+    share a batch step's rows among its sequences (draft_length.choose_draft_lengths); without them it models a
+    drafter from its recent acceptance.
     """
 
     name: str

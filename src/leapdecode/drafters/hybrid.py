@@ -221,20 +221,38 @@ class Hybrid:
         other.steps = other.nodes = other.chain_nodes = 0
         return other
 
+    def acceptance_estimates(self, context: Sequence[int], budget: int) -> np.ndarray:
+        """[<= budget] the estimated probability that each node of a draft for this context is accepted, most
+        likely first: the expected accepted tokens of a k-node draft are the sum of the first k. The server's
+        scheduler uses them to share a step's rows among the sequences of a batch."""
+        n, chain = self.lookup.match(context, self.max_chain)
+        _, _, merged = self._candidates(n, chain)
+        if not self.recycling.auto:
+            budget = min(budget, self.recycling.tree_budget)
+        return np.array([-p for p, _ in merged[: max(budget, 0)]])
+
+    def _candidates(self, n: int, chain: list[int]) -> tuple[np.ndarray, np.ndarray, list[tuple[float, int]]]:
+        """The template's nodes by estimate, their estimates, and the chain's and the template's nodes merged, most
+        likely first, as (-probability, 0 for a chain node or 1 for a template node)."""
+        chain_p = self.chain_stats.probs(n)[: len(chain)] if n else np.zeros(0)  # [len(chain)] non-increasing
+        template = self.recycling.template
+        ranked = template.ranked()
+        template_p = template.estimates()[ranked]  # [T] non-increasing
+        merged = list(heapq.merge(((-p, 0) for p in chain_p), ((-p, 1) for p in template_p)))  # most likely first
+        return ranked, template_p, merged
+
     def propose(self, context: Sequence[int], budget: int) -> Draft:
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self._origin, self._chain_nodes, self._selected = {}, [], []
         n, chain = self._match = self.lookup.match(context, self.max_chain)
-        chain_p = self.chain_stats.probs(n)[: len(chain)] if n else np.zeros(0)  # [len(chain)] non-increasing
-        template = self.recycling.template
-        ranked = template.ranked()
-        template_p = template.estimates()[ranked]  # [T] non-increasing
-        size, n_chain = self._choose(chain_p, template_p, budget)
+        ranked, _, merged = self._candidates(n, chain)
+        size, n_chain = self._choose(merged, budget)
         root, chain, take = int(context[-1]), chain[:n_chain], size - n_chain
         for _ in range(3):  # template nodes that coincide with chain nodes free their slot for the next ones
             self._selected = sorted(ranked[:take])
-            tokens, parents, template_nodes = self.recycling.table.expand(root, template, self._selected)
+            tokens, parents, template_nodes = self.recycling.table.expand(root, self.recycling.template,
+                                                                          self._selected)
             merged, merged_parents, self._chain_nodes, origin = merge_chain_and_tree(chain, tokens, parents, size)
             shared = size - len(merged) if len(tokens) == take else 0  # slots lost to merging, not to empty rows
             if shared <= 0 or take >= len(ranked):
@@ -250,10 +268,10 @@ class Hybrid:
         self._last_draft = draft
         return draft
 
-    def _choose(self, chain_p: np.ndarray, template_p: np.ndarray, budget: int) -> tuple[int, int]:
-        """(draft size, how many of its nodes are chain nodes): the most likely nodes of both lists, as many as
-        the budget allows, or (auto with a curve) as many as maximise expected tokens per second."""
-        merged = list(heapq.merge(((-p, 0) for p in chain_p), ((-p, 1) for p in template_p)))  # most likely first
+    def _choose(self, merged: list[tuple[float, int]], budget: int) -> tuple[int, int]:
+        """(draft size, how many of its nodes are chain nodes): the most likely nodes of both lists (`merged`, see
+        _candidates), as many as the budget allows, or (auto with a curve) as many as maximise expected tokens per
+        second."""
         cap = min(budget, len(merged))
         if self._latency is not None:
             cap = min(cap, len(self._latency) - 1)

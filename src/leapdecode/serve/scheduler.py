@@ -33,7 +33,8 @@ from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.sequence import Failed, Sequence
-from leapdecode.draft_length import StepCost, choose_draft_length, own_draft_length
+from leapdecode.draft_length import (DrafterCalibration, StepCost, choose_draft_length, choose_draft_lengths,
+                                     own_draft_length)
 from leapdecode.tree import depths
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # set if the loop itself died
-        self.last_draft_length = 0  # the k chosen for the last decode step (for metrics and tests)
+        self.last_draft_length = 0  # the longest draft offered in the last decode step (for metrics and tests)
+        self._predicted: dict[int, list[float]] = {}  # sequence id -> its drafter's estimates for this step's nodes
+        self._calibrations: dict[str, DrafterCalibration] = {}  # per drafter name
 
     # ------------------------------------------------------------------------------------------ control (any thread)
 
@@ -227,21 +230,14 @@ class Scheduler:
                 break
 
     def _decode_step(self, batch: list[Sequence]) -> None:
-        # 1. how much each sequence may draft (common adaptive length; reproducible requests decide alone)
-        caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
-        width = self.runner.span([seq.slot for seq in batch])  # sequences the pass computes (with padding ones)
-        own = {seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
-               for seq, cap in zip(batch, caps) if seq.reproducible}
-        adaptive = [(seq.estimate, cap) for seq, cap in zip(batch, caps) if not seq.reproducible]
-        k = choose_draft_length([e for e, _ in adaptive], [c for _, c in adaptive], width, self.cost,
-                                self.config.max_draft, [(seq.estimate, own[seq.id]) for seq in batch
-                                                        if seq.reproducible], padded=self.runner.padded)
-        self.last_draft_length = k
+        # 1. how much each sequence may draft (adaptive lengths; reproducible requests decide alone)
+        self._predicted = {}
+        budgets = self._draft_lengths(batch)
+        self.last_draft_length = max(budgets.values(), default=0)
         # 2. guess
         entries: list[tuple[Sequence, Draft]] = []
-        budgets = {}
-        for seq, cap in zip(batch, caps):
-            budget = budgets[seq.id] = own[seq.id] if seq.reproducible else min(k, cap)
+        for seq in batch:
+            budget = budgets[seq.id]
             t0 = time.perf_counter()
             try:
                 draft = seq.drafter.propose(seq.context, budget)
@@ -266,9 +262,9 @@ class Scheduler:
         seconds = time.perf_counter() - t1
         rows = [row.shape[0] for row in logits]
         width = self.runner.span([seq.slot for seq, _ in entries])
-        self.cost.observe(width * max(rows) if self.runner.padded else sum(rows), seconds)  # rows the pass computed
+        self.cost.observe(width * max(rows) if self.runner.padded else sum(rows), seconds, width)  # what it computed
         if self.metrics is not None:
-            self.metrics.on_batch(len(entries), k)
+            self.metrics.on_batch(len(entries), self.last_draft_length)
         # 4. per sequence: exact acceptance, commit, observe, emit
         done = []
         for (seq, draft), seq_logits in zip(entries, logits):
@@ -287,6 +283,9 @@ class Scheduler:
             seq.stats.target_seconds += seconds
             seq.stats.drafter_seconds += time.perf_counter() - t2
             seq.estimate.observe(budgets[seq.id], depth, len(acceptance.path))
+            if seq.id in self._predicted and draft.n:  # its estimates against the outcome
+                self._calibration(seq.drafter.name).observe(sum(self._predicted[seq.id][: draft.n]),
+                                                            len(acceptance.path))
             before = seq.stats.new_tokens
             finished = seq.emit(emitted)
             if self.metrics is not None:
@@ -296,6 +295,47 @@ class Scheduler:
         for seq in done:
             self._release(seq)
             self._report(seq, seq.finish())
+
+    def _draft_lengths(self, batch: list[Sequence]) -> dict[int, int]:
+        """Draft budget per sequence id. A padded runner offers every adaptive sequence one common length (the step
+        is as wide as its widest sequence anyway); one without padding sizes each sequence's draft by its own
+        acceptance (draft_length.choose_draft_lengths). Reproducible requests decide from their own history."""
+        caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
+        budgets = {seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
+                   for seq, cap in zip(batch, caps) if seq.reproducible}
+        fixed = [(seq.estimate, budgets[seq.id]) for seq in batch if seq.reproducible]
+        adaptive = [(seq, cap) for seq, cap in zip(batch, caps) if not seq.reproducible]
+        if self.runner.padded:
+            width = self.runner.span([seq.slot for seq in batch])  # sequences the pass computes (with padding ones)
+            k = choose_draft_length([seq.estimate for seq, _ in adaptive], [cap for _, cap in adaptive], width,
+                                    self.cost, self.config.max_draft, fixed, padded=True)
+            budgets.update({seq.id: min(k, cap) for seq, cap in adaptive})
+        else:
+            gains = [self._gains(seq, cap) for seq, cap in adaptive]
+            lengths = choose_draft_lengths(gains, self.cost, fixed)
+            budgets.update({seq.id: k for (seq, _), k in zip(adaptive, lengths)})
+        return budgets
+
+    def _gains(self, seq: Sequence, cap: int) -> list[float]:
+        """Acceptance probability of each node a sequence could draft now, most likely first: its drafter's own
+        estimates where it makes them (Drafter.acceptance_estimates), scaled by how well that drafter's estimates
+        have matched what the target accepted (DrafterCalibration), else its recent acceptance's geometric model."""
+        estimates = getattr(seq.drafter, "acceptance_estimates", None)
+        if estimates is not None and cap > 0:
+            try:
+                raw = [min(max(float(p), 0.0), 1.0) for p in estimates(seq.context, cap)][:cap]
+            except Exception:  # a drafter bug: its propose will fail the request; the batch goes on
+                logger.exception("drafter %r could not estimate its acceptance", seq.drafter.name)
+            else:
+                self._predicted[seq.id] = raw
+                scale = self._calibration(seq.drafter.name).factor
+                return [min(p * scale, 1.0) for p in raw]
+        return seq.estimate.gains(cap)
+
+    def _calibration(self, name: str) -> DrafterCalibration:
+        if name not in self._calibrations:
+            self._calibrations[name] = DrafterCalibration()
+        return self._calibrations[name]
 
     # ---------------------------------------------------------------------------------------------- endings
 
@@ -319,19 +359,27 @@ class Scheduler:
             self.metrics.on_finish(seq, result)
 
     def _calibrate(self) -> StepCost:
-        """Time verification passes of the configured sizes on a scratch slot (the best of two each)."""
+        """Time verification passes of the configured sizes on a scratch slot (the best of three each), and one of
+        several one-row sequences for what each further sequence adds."""
         time_step(self.runner, 1)  # warm-up: first-call allocations
-        return StepCost({n: min(time_step(self.runner, n) for _ in range(2)) for n in self.config.calibration_rows})
+        cost = StepCost({n: min(time_step(self.runner, n) for _ in range(3)) for n in self.config.calibration_rows})
+        width = min(self.config.max_batch, 4)
+        if width > 1:
+            seconds = min(time_step(self.runner, 1, width) for _ in range(3))
+            cost.per_sequence = max(seconds - cost.curve(width), 0.0) / (width - 1)  # `width` rows in all
+        return cost
 
 
-def time_step(runner: BatchRunner | FastBatchRunner, rows: int) -> float:
-    """Seconds of one verification pass of `rows` rows on a scratch slot of a batch runner (for the cost model)."""
-    slot = runner.allocate()
+def time_step(runner: BatchRunner | FastBatchRunner, rows: int, sequences: int = 1) -> float:
+    """Seconds of one verification pass of `rows` rows for each of `sequences` scratch slots of a batch runner
+    (for the cost model; those slots must be free)."""
+    slots = [runner.allocate() for _ in range(sequences)]
     try:
         begin = time.perf_counter()
-        runner.verify([(slot, 0, Draft.chain([0] * (rows - 1)))])
+        runner.verify([(slot, 0, Draft.chain([0] * (rows - 1))) for slot in slots])
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)  # the pass, not just its launch
         return time.perf_counter() - begin
     finally:
-        runner.release(slot)
+        for slot in slots:
+            runner.release(slot)
