@@ -2,7 +2,7 @@
 
 Each iteration of the loop:
   1. admit waiting sequences into free batch slots, drop cancelled ones (a disconnected client frees its slot here);
-  2. one decode step for every sequence past its prefill: choose the draft length for this batch
+  2. one decode step for every sequence past its prefill: choose each sequence's draft length for this batch
      (leapdecode.draft_length), let each sequence's drafter propose, verify all drafts in one forward pass,
      apply the exact acceptance rule per sequence, commit, observe, emit;
   3. prefill the next chunk (at most `prefill_chunk` prompt tokens) of sequences that just joined, so a long
