@@ -160,6 +160,9 @@ def test_calibrated_scheduler_and_eos(tiny_models, runner):
     scheduler = Scheduler(batch_runner(runner, model, 2), SchedulerConfig(max_batch=2, calibration_rows=(1, 4, 16)))
     scheduler.start()
     try:
+        # calibrated on scratch sequences that it gave back: a curve over the configured sizes, a per-sequence cost
+        assert scheduler.runner.free_slots == 2 and sorted(scheduler.cost.points) == [1, 4, 16]
+        assert scheduler.cost.per_sequence >= 0.0 and scheduler.cost.estimate(4, 2) >= scheduler.cost.estimate(4)
         events: queue.Queue = queue.Queue()
         sampling = GenerationConfig(max_new_tokens=30, ignore_eos=True, sampling=SamplingConfig(0.8, seed=7))
         seqs = [Sequence(list(prompt), GenerationConfig(max_new_tokens=30), make_drafter("copy"),

@@ -38,8 +38,8 @@ class ServerMetrics:
         self.batch_steps = Counter("leapdecode_batch_steps", "Batched forward passes of the decode loop", registry=r)
         self.batch_size = Histogram("leapdecode_batch_size", "Sequences per decode step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.draft_length = Gauge("leapdecode_draft_length", "Draft length the scheduler chose for the last step "
-                                  "(0 = plain decoding)", registry=r)
+        self.draft_length = Gauge("leapdecode_draft_length", "Longest draft the scheduler offered a request in "
+                                  "the last step (0 = plain decoding)", registry=r)
         self.draft_tokens = Counter("leapdecode_draft_tokens", "Draft tokens proposed", registry=r)
         self.accepted_tokens = Counter("leapdecode_draft_accepted_tokens", "Draft tokens accepted", registry=r)
         self.emitted_tokens = Counter("leapdecode_emitted_tokens", "Tokens emitted by steps (accepted + bonus)",

@@ -55,12 +55,13 @@ class SchedulerConfig:
     prefill_chunk: int = 128  # prompt tokens prefilled per iteration
     max_draft: int = 32  # longest draft (nodes) any sequence may verify in one step
     calibration_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)  # step sizes timed at start-up
+    calibration_context: int = 128  # tokens in the scratch sequences those steps run on (attention reads them)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_waiting", "max_draft"):
+        for name in ("max_waiting", "max_draft", "calibration_context"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.calibration_rows or min(self.calibration_rows) < 1:
@@ -359,27 +360,39 @@ class Scheduler:
             self.metrics.on_finish(seq, result)
 
     def _calibrate(self) -> StepCost:
-        """Time verification passes of the configured sizes on a scratch slot (the best of three each), and one of
-        several one-row sequences for what each further sequence adds."""
-        time_step(self.runner, 1)  # warm-up: first-call allocations
-        cost = StepCost({n: min(time_step(self.runner, n) for _ in range(3)) for n in self.config.calibration_rows})
-        width = min(self.config.max_batch, 4)
-        if width > 1:
-            seconds = min(time_step(self.runner, 1, width) for _ in range(3))
-            cost.per_sequence = max(seconds - cost.curve(width), 0.0) / (width - 1)  # `width` rows in all
-        return cost
+        """Time verification passes on scratch sequences holding `calibration_context` tokens, as requests do: one
+        sequence's step at each configured size (the best of three each), then a step of several one-row sequences
+        for what each further sequence adds."""
+        config, runner = self.config, self.runner
+        width = min(config.max_batch, 4)
+        room = runner.max_positions - max(config.calibration_rows) - 4 * len(config.calibration_rows) - 8
+        context = max(0, min(config.calibration_context, room))  # every timed step must fit after it
+        slots = []
+        try:
+            slots += [runner.allocate() for _ in range(width)]
+            for slot in slots:
+                if context:
+                    runner.prefill(slot, [0] * context)
+            time_step(runner, slots[:1], 1)  # warm-up: first-call allocations
+            cost = StepCost({n: min(time_step(runner, slots[:1], n) for _ in range(3))
+                             for n in config.calibration_rows})
+            if width > 1:
+                seconds = min(time_step(runner, slots, 1) for _ in range(3))
+                cost.per_sequence = max(seconds - cost.curve(width), 0.0) / (width - 1)  # `width` rows in all
+            return cost
+        finally:
+            for slot in slots:
+                runner.release(slot)
 
 
-def time_step(runner: BatchRunner | FastBatchRunner, rows: int, sequences: int = 1) -> float:
-    """Seconds of one verification pass of `rows` rows for each of `sequences` scratch slots of a batch runner
-    (for the cost model; those slots must be free)."""
-    slots = [runner.allocate() for _ in range(sequences)]
-    try:
-        begin = time.perf_counter()
-        runner.verify([(slot, 0, Draft.chain([0] * (rows - 1))) for slot in slots])
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)  # the pass, not just its launch
-        return time.perf_counter() - begin
-    finally:
-        for slot in slots:
-            runner.release(slot)
+def time_step(runner: BatchRunner | FastBatchRunner, slots: list, rows: int) -> float:
+    """Seconds of one verification pass of `rows` rows for each of `slots` (held by the caller; for the cost
+    model). Only the roots are kept: each sequence grows by one token."""
+    begin = time.perf_counter()
+    runner.verify([(slot, 0, Draft.chain([0] * (rows - 1))) for slot in slots])
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)  # the pass, not just its launch
+    seconds = time.perf_counter() - begin
+    for slot in slots:
+        runner.commit(slot, [])
+    return seconds
