@@ -193,3 +193,13 @@ def test_loadgen_against_the_server(server):
     assert all(len(r.ok) == 3 and r.tokens_per_second > 0 for r in results), summary
     report = markdown(results, "copy", {"model": "tiny"})
     assert "Greedy outputs identical with speculation on and off: 6/6." in report
+    # rounds: each level on and off twice, the order alternating per round; the report adds the rounds up
+    results = run_benchmark(server, "tiny", prompts, requests=2, levels=[2], drafter="copy", max_tokens=8,
+                            api_key=KEY, rounds=2)
+    assert [(r.drafter, r.round) for r in results] == [("none", 0), ("copy", 0), ("copy", 1), ("none", 1)]
+    report = markdown(results, "copy", {"model": "tiny"})
+    assert "| 2 | on (copy) | 4/4 |" in report
+    assert "Greedy outputs identical with speculation on and off: 4/4." in report
+    assert report.count("- concurrency 2, speed-up per round: ") == 1 and report.count("x, ") == 1
+    with pytest.raises(ValueError, match="rounds"):
+        run_benchmark(server, "tiny", prompts, requests=1, levels=[1], drafter="copy", max_tokens=4, rounds=0)

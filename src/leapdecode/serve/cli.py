@@ -98,7 +98,9 @@ def loadgen(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model to serve when no --url is given."),
     drafter: str = typer.Option("copy", "--drafter", "-d", help="Drafter for 'speculation on' ('off' is none)."),
     concurrency: str = typer.Option("1,4,16", help="Comma-separated concurrency levels."),
-    requests: int = typer.Option(32, help="Requests per (level, on/off)."),
+    requests: int = typer.Option(32, help="Requests per (level, on/off, round)."),
+    rounds: int = typer.Option(1, help="Times each level runs on and off, alternating which goes first; the report "
+                                       "adds up the rounds and lists each round's speed-up."),
     max_tokens: int = typer.Option(128, help="max_tokens of every request."),
     ignore_eos: bool = typer.Option(False, help="Generate exactly max_tokens per request."),
     suite: str = typer.Option("spec-bench", help="Prompt source: spec-bench or builtin."),
@@ -122,8 +124,8 @@ def loadgen(
 
     try:
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
-        if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1:
-            raise ValueError("--concurrency levels, --requests and --max-tokens must be >= 1")
+        if not levels or min(levels) < 1 or requests < 1 or max_tokens < 1 or rounds < 1:
+            raise ValueError("--concurrency levels, --requests, --max-tokens and --rounds must be >= 1")
         if runner not in RUNNERS:
             raise ValueError(f"unknown runner {runner!r}; available: {', '.join(RUNNERS)}")
         texts = load_prompts(suite, str(questions) if questions else None, prompts)
@@ -148,14 +150,15 @@ def loadgen(
                       f"p50 {result.latency(0.5):.2f} s, p95 {result.latency(0.95):.2f} s, MAT {result.mat:.2f}")
 
         results = run_benchmark(url, served_model_name, texts, requests, levels, drafter, max_tokens, api_key,
-                                ignore_eos, progress)
+                                ignore_eos, progress, rounds)
     finally:
         if server is not None:
             server.stop()
     meta = {"command": "leapdecode loadgen " + shlex.join(sys.argv[2:]),
             "date": datetime.now().isoformat("T", "seconds"),
             "server": url if server is None else f"started here: leapdecode serve {shlex.join(args)}",
-            "requests per row": str(requests), "max_tokens": str(max_tokens), "prompts": f"{len(texts)} ({suite})"}
+            "requests per row": f"{requests} x {rounds} rounds" if rounds > 1 else str(requests),
+            "max_tokens": str(max_tokens), "prompts": f"{len(texts)} ({suite})"}
     report = markdown(results, drafter, meta)
     sys.stdout.write(report)
     if output is not None:

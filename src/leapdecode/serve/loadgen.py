@@ -2,10 +2,11 @@
 
 Both configurations run against the same server process in the same run: "off" sends every request with
 `drafter: "none"` (plain decoding through the same batched loop), "on" with the drafter under test. Per level the
-order of the two alternates, so a slow drift of the machine's load does not always favour the same one. Reported per
-(concurrency, drafter): output tokens per second (all completion tokens / wall time of the level), request latency
-p50 / p95, time to first token p50, mean MAT, and the speed-up over "off". Requests are greedy, so "on" and "off"
-must return identical texts; the report counts how many do.
+order of the two alternates, so a slow drift of the machine's load does not always favour the same one; with
+several rounds each level runs on and off that many times, the order alternating again per round. Reported per
+(concurrency, drafter), over all rounds: output tokens per second (all completion tokens / wall time of the runs),
+request latency p50 / p95, time to first token p50, mean MAT, and the speed-up over "off", then each round's
+speed-up. Requests are greedy, so "on" and "off" must return identical texts; the report counts how many do.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class LevelResult:
     concurrency: int
     wall: float
     results: list[RequestResult] = field(default_factory=list)
+    round: int = 0
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -125,27 +127,45 @@ async def run_level(url: str, model: str, prompts: Sequence[str], requests: int,
 
 def run_benchmark(url: str, model: str, prompts: Sequence[str], requests: int, levels: Sequence[int],
                   drafter: str, max_tokens: int, api_key: str | None = None, ignore_eos: bool = False,
-                  progress=None) -> list[LevelResult]:
-    """Every level with speculation off ("none") and on (`drafter`), alternating which goes first."""
+                  progress=None, rounds: int = 1) -> list[LevelResult]:
+    """Every level with speculation off ("none") and on (`drafter`), `rounds` times, alternating which goes
+    first (per level, and again per round)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     out = []
     asyncio.run(run_level(url, model, prompts, 1, 1, drafter, 8, api_key))  # warm-up (first-call allocations)
     for index, level in enumerate(levels):
-        order = ["none", drafter] if index % 2 == 0 else [drafter, "none"]
-        for name in order:
-            result = asyncio.run(run_level(url, model, prompts, requests, level, name, max_tokens, api_key,
-                                           ignore_eos))
-            if progress is not None:
-                progress(result)
-            out.append(result)
+        for round_ in range(rounds):
+            order = ["none", drafter] if (index + round_) % 2 == 0 else [drafter, "none"]
+            for name in order:
+                result = asyncio.run(run_level(url, model, prompts, requests, level, name, max_tokens, api_key,
+                                               ignore_eos))
+                result.round = round_
+                if progress is not None:
+                    progress(result)
+                out.append(result)
     return out
 
 
+def merged(results: Sequence[LevelResult]) -> list[LevelResult]:
+    """One result per (drafter, concurrency): every round's requests, and the sum of the rounds' wall times."""
+    out: dict[tuple[str, int], LevelResult] = {}
+    for r in results:
+        key = (r.drafter, r.concurrency)
+        if key not in out:
+            out[key] = LevelResult(r.drafter, r.concurrency, 0.0)
+        out[key].wall += r.wall
+        out[key].results += r.results
+    return list(out.values())
+
+
 def identical_outputs(results: Sequence[LevelResult], drafter: str) -> tuple[int, int]:
-    """(identical, compared): greedy texts of the same request index with speculation on and off, per level."""
+    """(identical, compared): greedy texts of the same request index with speculation on and off, per level and
+    round."""
     same = total = 0
-    by_key = {(r.drafter, r.concurrency): r for r in results}
-    for (name, level), on in by_key.items():
-        off = by_key.get(("none", level))
+    by_key = {(r.drafter, r.concurrency, r.round): r for r in results}
+    for (name, level, round_), on in by_key.items():
+        off = by_key.get(("none", level, round_))
         if name != drafter or off is None:
             continue
         for a, b in zip(on.results, off.results):
@@ -159,14 +179,23 @@ def markdown(results: Sequence[LevelResult], drafter: str, meta: dict[str, str])
     lines = [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "| concurrency | speculation | ok | output tok/s | p50 latency (s) | p95 latency (s) | "
               "TTFT p50 (s) | MAT | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-    off = {r.concurrency: r for r in results if r.drafter == "none"}
-    for r in sorted(results, key=lambda r: (r.concurrency, r.drafter != "none")):
+    rows = merged(results)
+    off = {r.concurrency: r for r in rows if r.drafter == "none"}
+    for r in sorted(rows, key=lambda r: (r.concurrency, r.drafter != "none")):
         base = off.get(r.concurrency)
         speedup = r.tokens_per_second / base.tokens_per_second if base and base.tokens_per_second else float("nan")
         label = "off (none)" if r.drafter == "none" else f"on ({r.drafter})"
         lines.append(f"| {r.concurrency} | {label} | {len(r.ok)}/{len(r.results)} | {r.tokens_per_second:.1f} | "
                      f"{r.latency(0.5):.2f} | {r.latency(0.95):.2f} | {r.ttft_p50:.2f} | {r.mat:.2f} | "
                      f"{speedup:.2f}x |")
+    rounds = sorted({r.round for r in results})
+    if len(rounds) > 1:  # the spread between rounds says how much of a speed-up is the machine's noise
+        lines.append("")
+        runs = {(r.drafter, r.concurrency, r.round): r.tokens_per_second for r in results}
+        for level in sorted({r.concurrency for r in results}):
+            ratios = [runs[(drafter, level, k)] / runs[("none", level, k)] for k in rounds
+                      if runs.get(("none", level, k)) and (drafter, level, k) in runs]
+            lines.append(f"- concurrency {level}, speed-up per round: " + ", ".join(f"{x:.2f}x" for x in ratios))
     same, total = identical_outputs(results, drafter)
     lines += ["", f"Greedy outputs identical with speculation on and off: {same}/{total}."]
     return "\n".join(lines) + "\n"
