@@ -16,8 +16,7 @@ well each sequence's drafter has been doing.
 - `StepCost` prices a step: a curve of seconds by the rows of one sequence's step, plus a cost per further sequence
   in the step (a batched forward attends per sequence, against its own cache: on SmolLM2 on the 2-core CPU that is
   several milliseconds per sequence, a 16-sequence step costs about twice a 16-row step of one sequence). Both are
-  calibrated at start-up and refined by every step the scheduler runs: one-sequence steps correct the curve, steps
-  of several sequences the per-sequence cost.
+  calibrated at start-up; steps of one sequence keep refining the curve.
 - `choose_draft_length` picks the common draft length k that maximises expected emitted tokens per second for the
   whole batch: (B + sum_b E_b(k)) / cost(rows, B). k = 0 is plain decoding, whose value is B / cost(B, B), so k > 0
   is chosen only when the model of the step predicts more tokens per second than not speculating. A padded step
@@ -128,9 +127,11 @@ class StepCost:
 
     The curve maps the rows of one sequence's step to seconds, piecewise linear between known points; beyond the
     largest point it grows in proportion to the rows (a compute-bound pass). `per_sequence` is what each further
-    sequence in a step adds whatever its rows (its own attention and cache writes). `observe` moves the estimate
-    towards what a real step took (by `weight`; 0 freezes it): a step of one sequence moves the curve at its rows
-    (kept non-decreasing), a step of several moves the per-sequence cost.
+    sequence in a step adds whatever its rows (its own attention and cache writes), as calibrated. `observe` moves
+    the curve at a one-sequence step's rows towards what that step took (by `weight`; 0 freezes it; kept
+    non-decreasing). Steps of several sequences leave the model as it is: what they cost beyond the curve mixes
+    the per-sequence work with the curve's own error and the machine's noise, and the server that learned the
+    per-sequence cost from them priced a row as cheap under load and drafted more than paid (BENCHMARKS.md 0d).
     """
 
     def __init__(self, points: dict[int, float], weight: float = 0.1, per_sequence: float = 0.0) -> None:
@@ -170,14 +171,9 @@ class StepCost:
         return self.points[lo] + frac * (self.points[hi] - self.points[lo])
 
     def observe(self, rows: int, seconds: float, sequences: int = 1) -> None:
-        if rows < 1 or seconds <= 0 or self.weight == 0 or sequences < 1:
-            return
-        if sequences == 1:
+        if rows >= 1 and seconds > 0 and self.weight > 0 and sequences == 1:
             self.points[rows] = (1.0 - self.weight) * self.curve(rows) + self.weight * seconds
             self._monotone(rows)
-        else:  # what the curve does not explain is spread over the further sequences
-            extra = max(seconds - self.curve(rows), 0.0) / (sequences - 1)
-            self.per_sequence = (1.0 - self.weight) * self.per_sequence + self.weight * extra
 
     def _monotone(self, anchor: int | None = None) -> None:
         """Keep cost non-decreasing in rows (noise must not make a wider step look cheaper than a narrower one):
