@@ -300,3 +300,37 @@ def test_rows_follow_the_drafters_estimates_and_their_record(tiny_models):
     assert sum(honest.budgets) >= 3 * len(honest.budgets)  # right every time: it keeps drafting deep
     assert boastful.budgets[0] > 0  # taken at its word at first ...
     assert boastful.budgets[-10:] == [0] * 10  # ... until its record says 0.9 means nothing: plain decoding
+
+
+class PrefillRecorder(FastBatchRunner):
+    """The fast batched runner, noting the size of every prefill chunk."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunks: list[int] = []
+
+    def prefill(self, slot, tokens) -> None:
+        self.chunks.append(len(tokens))
+        super().prefill(slot, tokens)
+
+
+def test_prefill_keeps_its_pace_while_others_speculate(tiny_models):
+    # a 5-row step costs twice a plain one here, and the running request drafts 4 nodes a step (its drafter is sure,
+    # and right): after each such step the joining request gets two prefill chunks, not one
+    model = tiny_models["llama"]
+    short, long = make_prompts()[1][:2], make_prompts()[6]  # 1 token to prefill; 59
+    expected = plain(model, short, 40)
+    drafter = EstimatingDrafter(short + expected, VOCAB, right=6, claimed=0.99, length=4)
+    runner = PrefillRecorder(FastRunner(model.hf_model), 2)
+    cost = StepCost({1: 1.0, 5: 2.0, 1 << 20: float(1 << 20)}, weight=0.0)
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=2, prefill_chunk=7, max_draft=4), cost=cost)
+    scheduler.start()
+    try:
+        config = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+        joining = (long, GenerationConfig(max_new_tokens=2), make_drafter("none"))
+        results = run_all(scheduler, [(short, config, drafter), joining])
+    finally:
+        scheduler.stop()
+    assert results[0].tokens == expected and isinstance(results[1], Finished)
+    assert max(drafter.budgets) == 4
+    assert max(runner.chunks) == 14 and runner.chunks.count(14) >= 3  # 59 tokens, 14 at a time

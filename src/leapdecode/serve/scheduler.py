@@ -6,7 +6,9 @@ Each iteration of the loop:
      (leapdecode.draft_length), let each sequence's drafter propose, verify all drafts in one forward pass,
      apply the exact acceptance rule per sequence, commit, observe, emit;
   3. prefill the next chunk (at most `prefill_chunk` prompt tokens) of sequences that just joined, so a long
-     prompt delays the running sequences by one chunk per iteration instead of by its whole length.
+     prompt delays the running sequences by one chunk per iteration instead of by its whole length; after a step
+     that speculated, as many chunks as the step was (by the cost model) longer than a plain one, so joining
+     requests are prefilled at the same pace whether or not the running ones speculate.
 Sequences join and leave between steps. All torch work happens on this thread; the asyncio side only submits and
 cancels sequences and receives their events through each sequence's sink.
 
@@ -175,9 +177,8 @@ class Scheduler:
         self._admit()
         self._drop_cancelled()
         decoding = [seq for seq in self._running if seq.state == "decode"]
-        if decoding:
-            self._decode_step(decoding)
-        self._prefill()
+        stretch = self._decode_step(decoding) if decoding else 1.0
+        self._prefill(round(self.config.prefill_chunk * stretch))
 
     def _admit(self) -> None:
         admitted, dropped = [], []
@@ -209,9 +210,8 @@ class Scheduler:
             self._release(seq)
             self._report(seq, seq.finish("cancelled"))
 
-    def _prefill(self) -> None:
-        """Feed up to `prefill_chunk` prompt tokens of joining sequences; those done move on to decoding."""
-        budget = self.config.prefill_chunk
+    def _prefill(self, budget: int) -> None:
+        """Feed up to `budget` prompt tokens of joining sequences; those done move on to decoding."""
         for seq in [seq for seq in self._running if seq.state == "prefill"]:
             todo = seq.prompt[seq.prefilled : len(seq.prompt) - 1]  # the root (last prompt token) is not prefilled
             if todo and budget:
@@ -230,7 +230,10 @@ class Scheduler:
             if not budget:
                 break
 
-    def _decode_step(self, batch: list[Sequence]) -> None:
+    def _decode_step(self, batch: list[Sequence]) -> float:
+        """One step for every sequence in `batch`. Returns how many times longer the step is expected to take than a
+        plain one for the same batch (at least 1): the next prefill gets that many chunks, so joining requests are
+        prefilled at the same pace whether or not the running ones speculate."""
         # 1. how much each sequence may draft (adaptive lengths; reproducible requests decide alone)
         self._predicted = {}
         budgets = self._draft_lengths(batch)
@@ -250,7 +253,7 @@ class Scheduler:
             seq.stats.drafter_seconds += time.perf_counter() - t0
             entries.append((seq, draft))
         if not entries:
-            return
+            return 1.0
         # 3. one forward pass over every sequence's root and draft
         t1 = time.perf_counter()
         try:
@@ -259,11 +262,13 @@ class Scheduler:
             logger.exception("batched verification failed")
             for seq, _ in entries:
                 self._fail(seq, 500, f"verification failed: {exc}")
-            return
+            return 1.0
         seconds = time.perf_counter() - t1
         rows = [row.shape[0] for row in logits]
         width = self.runner.span([seq.slot for seq, _ in entries])
-        self.cost.observe(width * max(rows) if self.runner.padded else sum(rows), seconds, width)  # what it computed
+        computed = width * max(rows) if self.runner.padded else sum(rows)
+        self.cost.observe(computed, seconds, width)
+        stretch = max(1.0, self.cost.estimate(computed, width) / self.cost.estimate(width, width))
         if self.metrics is not None:
             self.metrics.on_batch(len(entries), self.last_draft_length)
         # 4. per sequence: exact acceptance, commit, observe, emit
@@ -296,6 +301,7 @@ class Scheduler:
         for seq in done:
             self._release(seq)
             self._report(seq, seq.finish())
+        return stretch
 
     def _draft_lengths(self, batch: list[Sequence]) -> dict[int, int]:
         """Draft budget per sequence id. A padded runner offers every adaptive sequence one common length (the step
