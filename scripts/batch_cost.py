@@ -5,10 +5,10 @@
 Builds the server's batched fast forward (models/fast/batch.py) with `max(widths)` sequences, each prefilled with
 `--context` tokens of its own, and times verification steps of W sequences with k chain nodes each (W x (1 + k)
 rows in all), round-robin over every (W, k), so a busy moment of the machine falls on all of them. Then it
-calibrates the cost model as the server does at start-up (serve.scheduler.Scheduler._calibrate: one sequence's
-step by rows, plus what each further sequence adds, on scratch sequences holding `--context` tokens) and prints, per (W, k), the median measured step against the
-model's estimate and against the one-sequence curve alone (what the server priced a batch step by before session
-7).
+calibrates the cost model as the server does at start-up (serve.scheduler.calibrate: one sequence's step by rows,
+plus what each further sequence adds, on scratch sequences holding `--context` tokens) and prints, per (W, k), the
+median measured step against the model's estimate and against the one-sequence curve alone (what the server priced
+a batch step by before session 7).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from leapdecode import load_model
 from leapdecode.drafters.base import Draft
 from leapdecode.models.fast.batch import FastBatchRunner
-from leapdecode.serve.scheduler import Scheduler, SchedulerConfig
+from leapdecode.serve.scheduler import SchedulerConfig, calibrate
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     for slot in slots:  # the calibration's scratch sequences need free slots, as at a server's start
         batch.release(slot)
     config = SchedulerConfig(max_batch=batch.max_batch, calibration_context=args.context)
-    calibrated = Scheduler(batch, config)._calibrate()
+    calibrated = calibrate(batch, config)
     print(f"model {model.name}, context {args.context} tokens per sequence, median of {args.repeats}; calibrated: "
           f"one-row step {calibrated.curve(1) * 1000:.1f} ms, each further sequence "
           f"{calibrated.per_sequence * 1000:.1f} ms")

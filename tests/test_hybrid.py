@@ -207,8 +207,11 @@ def test_acceptance_estimates_rank_the_nodes_it_would_draft():
     no_match = drafter.acceptance_estimates([1, 2, 6], budget=64)  # the template alone
     assert no_match[0] == pytest.approx(0.42, abs=0.01) and len(no_match) < len(many)
     assert len(hybrid_with_rows(ROWS, tree_budget=2).acceptance_estimates([5, 6, 7, 8, 5, 6], budget=64)) == 2
-    # asking does not change what it drafts
+    # asking does not change what it drafts, and what it worked out for one context is not used for another
     assert drafter.propose([5, 6, 7, 8, 5, 6], budget=4).tokens.tolist() == [7, 8, 9, 11]
+    drafter.acceptance_estimates([5, 6, 7, 8, 5, 6], budget=4)
+    other = [9, 9, 9, 9, 1, 6]  # as long, no earlier occurrence of its suffix: the template alone
+    assert drafter.propose(other, budget=4).tokens.tolist() == hybrid_with_rows(ROWS).propose(other, 4).tokens.tolist()
 
 
 def test_loop_budget_caps_everything():

@@ -14,9 +14,8 @@ well each sequence's drafter has been doing.
   counts also decay on steps offered nothing, so a sequence that stopped drafting drifts back to the priors and is
   probed again later: a bad estimate cannot lock speculation off for good.
 - `StepCost` prices a step: a curve of seconds by the rows of one sequence's step, plus a cost per further sequence
-  in the step (a batched forward attends per sequence, against its own cache: on SmolLM2 on the 2-core CPU that is
-  several milliseconds per sequence, a 16-sequence step costs about twice a 16-row step of one sequence). Both are
-  calibrated at start-up; steps of one sequence keep refining the curve.
+  in the step (a batched forward attends per sequence, against its own cache; `scripts/batch_cost.py` measures both,
+  BENCHMARKS.md section 0d). Both are calibrated at start-up; steps of one sequence keep refining the curve.
 - `choose_draft_length` picks the common draft length k that maximises expected emitted tokens per second for the
   whole batch: (B + sum_b E_b(k)) / cost(rows, B). k = 0 is plain decoding, whose value is B / cost(B, B), so k > 0
   is chosen only when the model of the step predicts more tokens per second than not speculating. A padded step
@@ -93,8 +92,7 @@ class AcceptanceEstimate:
 
     def expected_accepted(self, k: int) -> float:
         """Mean accepted tokens when offered k: proposal rate x (a + a^2 + ... + a^k) for a k-long chain."""
-        a = self.rate
-        return self.proposal_rate * a * (1.0 - a**k) / (1.0 - a) if k > 0 else 0.0
+        return sum(self.gains(k))
 
 
 @dataclass

@@ -188,6 +188,7 @@ class Hybrid:
         self._selected: list[int] = []  # template nodes selected for the last draft
         self._origin: dict[int, int] = {}  # merged node -> template index, for the recycling nodes drafted
         self._last_draft: Draft | None = None
+        self._planned: tuple | None = None  # (context, n, chain, ranked, merged) of the last _plan, until observe
         self.steps = self.nodes = self.chain_nodes = 0  # facts for the stats
 
     @classmethod
@@ -207,6 +208,7 @@ class Hybrid:
     def _clear_step(self) -> None:
         """Drop what the last propose left for observe."""
         self._match, self._chain_nodes, self._selected, self._origin, self._last_draft = (0, []), [], [], {}, None
+        self._planned = None
 
     def fork(self) -> Hybrid:
         """A drafter for another request running at the same time (the server's share_drafter_state): it shares the
@@ -224,35 +226,47 @@ class Hybrid:
     def acceptance_estimates(self, context: Sequence[int], budget: int) -> np.ndarray:
         """[<= budget] the estimated probability that each node of a draft for this context is accepted, most
         likely first: the expected accepted tokens of a k-node draft are the sum of the first k. The server's
-        scheduler uses them to share a step's rows among the sequences of a batch."""
-        n, chain = self.lookup.match(context, self.max_chain)
-        _, _, merged = self._candidates(n, chain)
-        if not self.recycling.auto:
-            budget = min(budget, self.recycling.tree_budget)
-        return np.array([-p for p, _ in merged[: max(budget, 0)]])
+        scheduler uses them to share a step's rows among the sequences of a batch, then calls propose for the
+        same context, which reuses this step's match and ranking (_plan)."""
+        _, _, _, merged = self._plan(context)
+        return np.array([-p for p, _ in merged[: self._cap(budget, len(merged))]])
 
-    def _candidates(self, n: int, chain: list[int]) -> tuple[np.ndarray, np.ndarray, list[tuple[float, int]]]:
-        """The template's nodes by estimate, their estimates, and the chain's and the template's nodes merged, most
-        likely first, as (-probability, 0 for a chain node or 1 for a template node)."""
+    def _plan(self, context: Sequence[int]) -> tuple[int, list[int], np.ndarray, list[tuple[float, int]]]:
+        """(match length n, copy chain, the template's nodes by estimate, the chain's and the template's nodes
+        merged, most likely first, as (-probability, 0 for a chain node or 1 for a template node)). Computed once
+        per context and step: nothing it reads changes before observe."""
+        key = tuple(context)
+        if self._planned is not None and self._planned[0] == key:
+            return self._planned[1:]
+        n, chain = self.lookup.match(context, self.max_chain)
         chain_p = self.chain_stats.probs(n)[: len(chain)] if n else np.zeros(0)  # [len(chain)] non-increasing
         template = self.recycling.template
         ranked = template.ranked()
         template_p = template.estimates()[ranked]  # [T] non-increasing
         merged = list(heapq.merge(((-p, 0) for p in chain_p), ((-p, 1) for p in template_p)))  # most likely first
-        return ranked, template_p, merged
+        self._planned = (key, n, chain, ranked, merged)
+        return n, chain, ranked, merged
+
+    def _cap(self, budget: int, available: int) -> int:
+        """The most nodes a draft may have: the budget, the candidates, the latency curve's range or a fixed
+        tree_budget."""
+        cap = min(max(budget, 0), available)
+        if self._latency is not None:
+            return min(cap, len(self._latency) - 1)
+        return cap if self.recycling.auto else min(cap, self.recycling.tree_budget)
 
     def propose(self, context: Sequence[int], budget: int) -> Draft:
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self._origin, self._chain_nodes, self._selected = {}, [], []
-        n, chain = self._match = self.lookup.match(context, self.max_chain)
-        ranked, _, merged = self._candidates(n, chain)
+        n, chain, ranked, merged = self._plan(context)
+        self._match = (n, chain)
         size, n_chain = self._choose(merged, budget)
         root, chain, take = int(context[-1]), chain[:n_chain], size - n_chain
+        template = self.recycling.template
         for _ in range(3):  # template nodes that coincide with chain nodes free their slot for the next ones
             self._selected = sorted(ranked[:take])
-            tokens, parents, template_nodes = self.recycling.table.expand(root, self.recycling.template,
-                                                                          self._selected)
+            tokens, parents, template_nodes = self.recycling.table.expand(root, template, self._selected)
             merged, merged_parents, self._chain_nodes, origin = merge_chain_and_tree(chain, tokens, parents, size)
             shared = size - len(merged) if len(tokens) == take else 0  # slots lost to merging, not to empty rows
             if shared <= 0 or take >= len(ranked):
@@ -270,20 +284,17 @@ class Hybrid:
 
     def _choose(self, merged: list[tuple[float, int]], budget: int) -> tuple[int, int]:
         """(draft size, how many of its nodes are chain nodes): the most likely nodes of both lists (`merged`, see
-        _candidates), as many as the budget allows, or (auto with a curve) as many as maximise expected tokens per
-        second."""
-        cap = min(budget, len(merged))
+        _plan), as many as the cap allows, or (auto with a curve) as many as maximise expected tokens per second."""
+        cap = self._cap(budget, len(merged))
         if self._latency is not None:
-            cap = min(cap, len(self._latency) - 1)
             expected = 1.0 - np.cumsum([0.0] + [p for p, _ in merged[:cap]])  # [cap + 1] 1 + sum of p (p negated)
             size = int(np.argmax(expected / self._latency[: cap + 1]))
-        elif self.recycling.auto:  # no curve: the whole template plus the chain
+        else:  # no curve: all the cap allows (the whole template plus the chain, or a fixed tree_budget)
             size = cap
-        else:  # a fixed cap on all nodes
-            size = min(cap, self.recycling.tree_budget)
         return size, sum(1 for _, source in merged[:size] if source == 0)
 
     def observe(self, step: StepResult) -> None:
+        self._planned = None  # what it learns now changes the estimates
         self.recycling.learn(step)
         n, chain = self._match
         if n:  # learn how reliable a chain of this match length is, drafted or not

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +84,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # set if the loop itself died
         self.last_draft_length = 0  # the longest draft offered in the last decode step (for metrics and tests)
-        self._predicted: dict[int, list[float]] = {}  # sequence id -> its drafter's estimates for this step's nodes
-        self._calibrations: dict[str, DrafterCalibration] = {}  # per drafter name
+        self._calibrations: defaultdict[str, DrafterCalibration] = defaultdict(DrafterCalibration)  # per drafter
 
     # ------------------------------------------------------------------------------------------ control (any thread)
 
@@ -104,7 +103,7 @@ class Scheduler:
     def start(self) -> None:
         """Calibrate the step cost (unless given), then start the loop thread."""
         if self.cost is None:
-            self.cost = self._calibrate()
+            self.cost = calibrate(self.runner, self.config)
         self._thread = threading.Thread(target=self._loop, name="leapdecode-scheduler", daemon=True)
         with self._cond:
             self._accepting = True
@@ -235,8 +234,7 @@ class Scheduler:
         plain one for the same batch (at least 1): the next prefill gets that many chunks, so joining requests are
         prefilled at the same pace whether or not the running ones speculate."""
         # 1. how much each sequence may draft (adaptive lengths; reproducible requests decide alone)
-        self._predicted = {}
-        budgets = self._draft_lengths(batch)
+        budgets, predicted = self._draft_lengths(batch)
         self.last_draft_length = max(budgets.values(), default=0)
         # 2. guess
         entries: list[tuple[Sequence, Draft]] = []
@@ -289,9 +287,8 @@ class Scheduler:
             seq.stats.target_seconds += seconds
             seq.stats.drafter_seconds += time.perf_counter() - t2
             seq.estimate.observe(budgets[seq.id], depth, len(acceptance.path))
-            if seq.id in self._predicted and draft.n:  # its estimates against the outcome
-                self._calibration(seq.drafter.name).observe(sum(self._predicted[seq.id][: draft.n]),
-                                                            len(acceptance.path))
+            if seq.id in predicted and draft.n:  # its estimates against the outcome
+                self._calibrations[seq.drafter.name].observe(sum(predicted[seq.id][: draft.n]), len(acceptance.path))
             before = seq.stats.new_tokens
             finished = seq.emit(emitted)
             if self.metrics is not None:
@@ -303,46 +300,49 @@ class Scheduler:
             self._report(seq, seq.finish())
         return stretch
 
-    def _draft_lengths(self, batch: list[Sequence]) -> dict[int, int]:
-        """Draft budget per sequence id. A padded runner offers every adaptive sequence one common length (the step
-        is as wide as its widest sequence anyway); one without padding sizes each sequence's draft by its own
-        acceptance (draft_length.choose_draft_lengths). Reproducible requests decide from their own history."""
+    def _draft_lengths(self, batch: list[Sequence]) -> tuple[dict[int, int], dict[int, list[float]]]:
+        """Draft budget per sequence id, and the drafter's own acceptance estimates of the nodes it may draft, for
+        the sequences whose drafter makes them. A padded runner offers every adaptive sequence one common length
+        (the step is as wide as its widest sequence anyway); one without padding sizes each sequence's draft by its
+        nodes' chances (draft_length.choose_draft_lengths). Reproducible requests decide from their own history."""
         caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
         budgets = {seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
                    for seq, cap in zip(batch, caps) if seq.reproducible}
         fixed = [(seq.estimate, budgets[seq.id]) for seq in batch if seq.reproducible]
         adaptive = [(seq, cap) for seq, cap in zip(batch, caps) if not seq.reproducible]
+        predicted: dict[int, list[float]] = {}
         if self.runner.padded:
             width = self.runner.span([seq.slot for seq in batch])  # sequences the pass computes (with padding ones)
             k = choose_draft_length([seq.estimate for seq, _ in adaptive], [cap for _, cap in adaptive], width,
                                     self.cost, self.config.max_draft, fixed, padded=True)
             budgets.update({seq.id: min(k, cap) for seq, cap in adaptive})
-        else:
-            gains = [self._gains(seq, cap) for seq, cap in adaptive]
-            lengths = choose_draft_lengths(gains, self.cost, fixed)
-            budgets.update({seq.id: k for (seq, _), k in zip(adaptive, lengths)})
-        return budgets
-
-    def _gains(self, seq: Sequence, cap: int) -> list[float]:
-        """Acceptance probability of each node a sequence could draft now, most likely first: its drafter's own
-        estimates where it makes them (Drafter.acceptance_estimates), scaled by how well that drafter's estimates
-        have matched what the target accepted (DrafterCalibration), else its recent acceptance's geometric model."""
-        estimates = getattr(seq.drafter, "acceptance_estimates", None)
-        if estimates is not None and cap > 0:
-            try:
-                raw = [min(max(float(p), 0.0), 1.0) for p in estimates(seq.context, cap)][:cap]
-            except Exception:  # a drafter bug: its propose will fail the request; the batch goes on
-                logger.exception("drafter %r could not estimate its acceptance", seq.drafter.name)
+            return budgets, predicted
+        gains = []
+        for seq, cap in adaptive:
+            own = self._drafter_estimates(seq, cap)
+            if own is None:
+                gains.append(seq.estimate.gains(cap))
             else:
-                self._predicted[seq.id] = raw
-                scale = self._calibration(seq.drafter.name).factor
-                return [min(p * scale, 1.0) for p in raw]
-        return seq.estimate.gains(cap)
+                predicted[seq.id] = own
+                scale = self._calibrations[seq.drafter.name].factor
+                gains.append([min(p * scale, 1.0) for p in own])
+        lengths = choose_draft_lengths(gains, self.cost, fixed)
+        budgets.update({seq.id: k for (seq, _), k in zip(adaptive, lengths)})
+        return budgets, predicted
 
-    def _calibration(self, name: str) -> DrafterCalibration:
-        if name not in self._calibrations:
-            self._calibrations[name] = DrafterCalibration()
-        return self._calibrations[name]
+    @staticmethod
+    def _drafter_estimates(seq: Sequence, cap: int) -> list[float] | None:
+        """The acceptance chance of each node the sequence's drafter could draft now, most likely first
+        (Drafter.acceptance_estimates), or None where it makes no estimates. The server scales them by how well
+        that drafter's estimates have matched what the target accepted (DrafterCalibration)."""
+        estimates = getattr(seq.drafter, "acceptance_estimates", None)
+        if estimates is None or cap == 0:
+            return None
+        try:
+            return [min(max(float(p), 0.0), 1.0) for p in estimates(seq.context, cap)][:cap]
+        except Exception:  # a drafter bug: its propose will fail the request; the batch goes on
+            logger.exception("drafter %r could not estimate its acceptance", seq.drafter.name)
+            return None
 
     # ---------------------------------------------------------------------------------------------- endings
 
@@ -365,30 +365,29 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.on_finish(seq, result)
 
-    def _calibrate(self) -> StepCost:
-        """Time verification passes on scratch sequences holding `calibration_context` tokens, as requests do: one
-        sequence's step at each configured size (the best of three each), then a step of several one-row sequences
-        for what each further sequence adds."""
-        config, runner = self.config, self.runner
-        width = min(config.max_batch, 4)
-        room = runner.max_positions - max(config.calibration_rows) - 4 * len(config.calibration_rows) - 8
-        context = max(0, min(config.calibration_context, room))  # every timed step must fit after it
-        slots = []
-        try:
-            slots += [runner.allocate() for _ in range(width)]
-            for slot in slots:
-                if context:
-                    runner.prefill(slot, [0] * context)
-            time_step(runner, slots[:1], 1)  # warm-up: first-call allocations
-            cost = StepCost({n: min(time_step(runner, slots[:1], n) for _ in range(3))
-                             for n in config.calibration_rows})
-            if width > 1:
-                seconds = min(time_step(runner, slots, 1) for _ in range(3))
-                cost.per_sequence = max(seconds - cost.curve(width), 0.0) / (width - 1)  # `width` rows in all
-            return cost
-        finally:
-            for slot in slots:
-                runner.release(slot)
+
+def calibrate(runner: BatchRunner | FastBatchRunner, config: SchedulerConfig) -> StepCost:
+    """The step cost model, timed on scratch sequences of `runner` holding `calibration_context` tokens, as requests
+    do: one sequence's step at each of `calibration_rows` (the best of three each), then a step of several one-row
+    sequences for what each further sequence adds. The scratch slots must be free; they are given back."""
+    width = min(config.max_batch, 4)
+    room = runner.max_positions - max(config.calibration_rows) - 4 * len(config.calibration_rows) - 8
+    context = max(0, min(config.calibration_context, room))  # every timed step must fit after it
+    slots = []
+    try:
+        slots += [runner.allocate() for _ in range(width)]
+        for slot in slots:
+            if context:
+                runner.prefill(slot, [0] * context)
+        time_step(runner, slots[:1], 1)  # warm-up: first-call allocations
+        cost = StepCost({n: min(time_step(runner, slots[:1], n) for _ in range(3)) for n in config.calibration_rows})
+        if width > 1:
+            seconds = min(time_step(runner, slots, 1) for _ in range(3))
+            cost.per_sequence = max(seconds - cost.curve(width), 0.0) / (width - 1)  # `width` rows in all
+        return cost
+    finally:
+        for slot in slots:
+            runner.release(slot)
 
 
 def time_step(runner: BatchRunner | FastBatchRunner, slots: list, rows: int) -> float:
