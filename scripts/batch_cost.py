@@ -9,6 +9,10 @@ calibrates the cost model as the server does at start-up (serve.scheduler.calibr
 plus what each further sequence adds, on scratch sequences holding `--context` tokens) and prints, per (W, k), the
 median measured step against the model's estimate and against the one-sequence curve alone (what the server priced
 a batch step by before session 7).
+
+With --compare-attention it instead times every (W, k) twice in turn, attending through torch's SDPA (one call per
+sequence and layer, as before session 8) and through attend.c (one call per layer for all sequences), on the same
+weights and caches, and prints both medians and their ratio.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 
 from leapdecode import load_model
 from leapdecode.drafters.base import Draft
+from leapdecode.models.fast import attend, kernels
 from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.serve.scheduler import SchedulerConfig, calibrate
 
@@ -30,6 +35,8 @@ def main() -> None:
     ap.add_argument("--drafts", default="0,1,2,4", help="chain nodes per sequence, comma-separated")
     ap.add_argument("--context", type=int, default=200, help="tokens in each sequence's cache")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--compare-attention", action="store_true",
+                    help="time torch's SDPA against the attention kernel (attend.c) instead of the cost model")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     drafts = [int(k) for k in args.drafts.split(",")]
@@ -52,6 +59,9 @@ def main() -> None:
     cells = [(w, k) for w in widths for k in drafts]
     for w, k in cells:  # warm-up
         step(w, k)
+    if args.compare_attention:
+        compare_attention(batch, cells, step, args.repeats)
+        return
     times: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
     for _ in range(args.repeats):
         for cell in cells:
@@ -69,6 +79,26 @@ def main() -> None:
         rows = w * (1 + k)
         print(f"| {w} | {k} | {rows} | {statistics.median(times[(w, k)]) * 1000:.1f} | "
               f"{calibrated.estimate(rows, w) * 1000:.1f} | {calibrated.curve(rows) * 1000:.1f} |")
+
+
+def compare_attention(batch: FastBatchRunner, cells: list[tuple[int, int]], step, repeats: int) -> None:
+    weights = batch.weights
+    if not weights.cpu_attention or not attend.usable(weights.embed, batch.spec.head_dim, [1]):
+        raise SystemExit("the attention kernel is not in use here (not a float32 CPU model, or it did not build: "
+                         f"{kernels.unavailable_reason()})")
+    times: dict[tuple[int, int, bool], list[float]] = {(w, k, on): [] for w, k in cells for on in (False, True)}
+    for r in range(repeats):
+        for w, k in cells:
+            for on in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which goes first
+                weights.cpu_attention = on
+                times[(w, k, on)].append(step(w, k))
+    weights.cpu_attention = True
+    print(f"median of {repeats} per cell, SDPA and attend.c alternating, same weights and caches")
+    print("| sequences | nodes each | rows | SDPA ms | attend.c ms | SDPA / attend.c |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for w, k in cells:
+        sdpa, kernel = (statistics.median(times[(w, k, on)]) * 1000 for on in (False, True))
+        print(f"| {w} | {k} | {w * (1 + k)} | {sdpa:.1f} | {kernel:.1f} | {sdpa / kernel:.2f} |")
 
 
 if __name__ == "__main__":

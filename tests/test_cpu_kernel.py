@@ -13,7 +13,7 @@ import torch
 
 from leapdecode.drafters.base import Draft
 from leapdecode.models.fast import FastConfig, FastRunner
-from leapdecode.models.fast import skinny
+from leapdecode.models.fast import kernels, skinny
 from leapdecode.models.fast.cpu import CpuLinear, cpu_linear
 from leapdecode.models.tiny import tiny_model
 
@@ -108,7 +108,7 @@ def test_switch_turns_it_off():
 
 def test_a_compiler_without_openmp_builds_the_one_thread_kernel(kernel, tmp_path):
     """A compiler that refuses -fopenmp (as clang without libomp does) still gives a working kernel."""
-    real = skinny._compiler()
+    real = kernels.compiler()
     wrapper = tmp_path / "cc-no-openmp"
     wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
     wrapper.chmod(0o755)

@@ -3,29 +3,34 @@ or the rows of several sequences, each against its own cache (forward_batch, for
 
 Everything here is tensor code with shapes fixed by (R, length), so one call can be captured as a CUDA graph and
 replayed: the per-step inputs (ids, positions, the first slot, the tree mask) live in tensors, never in Python
-numbers, and nothing reads a value back to the host.
+numbers, and nothing reads a value back to the host (the CPU attention kernel's path reads the start slots; it
+never runs in a graph).
 
 Attention. Row r is written at slot start + r and sees
 - every committed slot < start (the prefix),
 - the slots of its tree ancestors and itself (tree[r, c] for slot start + c),
 - on sliding-window layers, only keys whose position is within the window (committed slot s holds position s; a
   new slot's position is that row's position).
-The mask is one additive bias [R, length] per distinct window (per sequence in a batch), built once per step and
-shared by all layers. In a batch every projection runs once over all sequences' rows; only attention is per
-sequence.
-Grouped-query attention without copying K/V: the `group` query heads that share a key/value head are folded into
-the query-row axis, so SDPA sees kv_heads heads of group * R query rows each ([1, kv, group * R, head_dim]) and the
-same K/V views; the mask is tiled group times. Scanning `length` slots (a bucket, not the whole cache) keeps the
-work proportional to the context.
+The mask (which slots each row sees) is built once per step and sequence (per distinct window) and shared by all
+layers. In a batch every projection runs once over all sequences' rows. Attention:
+- on a float32 CPU, for steps of at most attend.MAX_ROWS rows per sequence (decode and verify): attend.c, one call
+  per layer for all sequences, each output summed in a fixed order (attend.py);
+- elsewhere (GPU, prefill chunks): torch's SDPA per sequence, with the mask as an additive bias. Grouped-query
+  attention without copying K/V: the `group` query heads that share a key/value head are folded into the query-row
+  axis, so SDPA sees kv_heads heads of group * R query rows each ([1, kv, group * R, head_dim]) and the same K/V
+  views; the bias is tiled group times. Scanning `length` slots (a bucket, not the whole cache) keeps the work
+  proportional to the context.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from leapdecode.models.fast import attend
 from leapdecode.models.fast.cache import StaticCache
 from leapdecode.models.fast.cpu import CpuLinear, cpu_linear
 from leapdecode.models.fast.weights import LayerWeights, Spec, Weights
@@ -67,13 +72,21 @@ def forward_batch(spec: Spec, weights: Weights, ids: torch.Tensor, positions: to
         x = x * weights.embed_scale
     rotary = [rotary_factors(spec, table, positions) for table in weights.rope]
     windows = sorted(set(spec.windows), key=lambda w: -1 if w is None else w)
-    biases = [{window: attention_bias(spec, positions[seg.first: seg.first + seg.rows], seg.start, seg.tree,
-                                      seg.length, window, x.dtype) for window in windows} for seg in segments]
-    slots = [seg.start + torch.arange(seg.rows, device=ids.device) for seg in segments]  # [rows] each
+    masks = [{window: attention_mask(positions[seg.first: seg.first + seg.rows], seg.start, seg.tree, seg.length,
+                                     window) for window in windows} for seg in segments]  # [rows, length] each
+    if weights.cpu_attention and attend.usable(x, spec.head_dim, [seg.rows for seg in segments]):
+        plan = attend.step([seg.first for seg in segments], [seg.rows for seg in segments],
+                           [int(seg.start) for seg in segments], [seg.cache.kv for seg in segments], masks)
+        attention_of = lambda i: lambda qkv: attend.attend(  # noqa: E731
+            qkv, plan, i, spec.windows[i], spec.n_heads, spec.n_kv_heads, spec.attn_scale)
+    else:
+        biases = [{window: attention_bias(spec, mask[window], x.dtype) for window in windows} for mask in masks]
+        slots = [seg.start + torch.arange(seg.rows, device=ids.device) for seg in segments]  # [rows] each
+        attention_of = lambda i: lambda qkv: torch.cat([  # noqa: E731
+            attention(spec, seg.cache.layer(i), qkv[seg.first: seg.first + seg.rows], where, seg.length,
+                      bias[spec.windows[i]]) for seg, where, bias in zip(segments, slots, biases)])
     for i, layer in enumerate(weights.layers):
-        attend = [(seg.cache.layer(i), seg, where, bias[spec.windows[i]])
-                  for seg, where, bias in zip(segments, slots, biases)]
-        x = block(spec, layer, x, rotary[spec.rope_of_layer[i]], attend)
+        x = block(spec, layer, x, rotary[spec.rope_of_layer[i]], attention_of(i))
     if not logits:
         return None
     out = linear(rms_norm(spec, x, weights.final_norm), weights.lm_head, weights.lm_head_cpu)  # [R, vocab]
@@ -83,9 +96,9 @@ def forward_batch(spec: Spec, weights: Weights, ids: torch.Tensor, positions: to
 
 
 def block(spec: Spec, layer: LayerWeights, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-          attend: list[tuple[torch.Tensor, Segment, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One decoder layer on x [R, hidden]; `attend` lists, per segment, this layer's cache of that sequence
-    [capacity, 2, kv_heads, head_dim], the segment, the slots its rows are written to [rows] and its mask."""
+          attention_of_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One decoder layer on x [R, hidden]; `attention_of_rows` takes the rotated qkv [R, qkv_heads, d] of every
+    sequence, stores their keys and values in this layer's caches and returns the attention output [R, heads * d]."""
     rows, d, heads, kv_heads = x.shape[0], spec.head_dim, spec.n_heads, spec.n_kv_heads
     qkv = linear(rms_norm(spec, x, layer.attn_norm), layer.qkv, layer.qkv_cpu, layer.qkv_bias)
     qkv = qkv.contiguous().view(rows, spec.qkv_heads, d)
@@ -95,9 +108,7 @@ def block(spec: Spec, layer: LayerWeights, x: torch.Tensor, rotary: tuple[torch.
     cos, sin = rotary  # [R, qkv_heads, d]; the v heads get cos 1, sin 0 and pass through unchanged
     swapped = qkv.view(rows, spec.qkv_heads, 2, d // 2).flip(2).view(rows, spec.qkv_heads, d)  # halves swapped
     qkv = torch.addcmul(qkv * cos, swapped, sin)  # rotate q and k: x * cos + rotate_half(x) * sin
-    parts = [attention(spec, kv_cache, qkv[seg.first: seg.first + seg.rows], slots, seg.length, bias)
-             for kv_cache, seg, slots, bias in attend]
-    attn = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, heads * d]
+    attn = attention_of_rows(qkv)  # [R, heads * d]
     if spec.family == "gemma3":  # sandwich norms: normalise the sublayer output before the residual add
         x = x + rms_norm(spec, linear(attn, layer.o, layer.o_cpu), layer.post_attn_norm)
     else:
@@ -153,9 +164,9 @@ def rotary_factors(spec: Spec, table: torch.Tensor, positions: torch.Tensor) -> 
     return cos, sin
 
 
-def attention_bias(spec: Spec, positions: torch.Tensor, start: torch.Tensor, tree: torch.Tensor, length: int,
-                   window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, group * R, length]: 0 where row r may attend to slot s, -inf elsewhere."""
+def attention_mask(positions: torch.Tensor, start: torch.Tensor, tree: torch.Tensor, length: int,
+                   window: int | None) -> torch.Tensor:
+    """[R, length] bool: whether row r may attend to slot s."""
     rows = positions.shape[0]
     keys = torch.arange(length, device=positions.device)  # [length] slot index
     column = keys - start  # [length] new-row index of each slot (valid in [0, R))
@@ -165,8 +176,14 @@ def attention_bias(spec: Spec, positions: torch.Tensor, start: torch.Tensor, tre
     if window is not None:  # committed slot s holds position s; a new slot holds its row's position
         key_positions = torch.where(new, positions.index_select(0, column), keys)  # [length]
         seen = seen & (positions[:, None] - key_positions[None, :] < window)
-    bias = torch.zeros(rows, length, dtype=dtype, device=positions.device).masked_fill_(~seen, float("-inf"))
-    return bias.repeat(spec.group, 1)[None, None]  # rows ordered (group member, row) like the folded queries
+    return seen
+
+
+def attention_bias(spec: Spec, seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's additive mask [1, 1, group * R, length] from attention_mask's [R, length]: 0 where seen, -inf
+    elsewhere, rows ordered (group member, row) like the folded queries."""
+    bias = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+    return bias.repeat(spec.group, 1)[None, None]
 
 
 def _residual_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, cpu: CpuLinear | None,

@@ -47,6 +47,8 @@ class FastConfig:
         the kernel does not build: a transposed copy for one-row steps and the packed one for several), see
         models/fast/cpu.py and skinny.py.
     cpu_kernel: with cpu_layouts, use the skinny kernel where it builds (False: torch's products only).
+    cpu_attention: with cpu_layouts, attend through attend.c in decode and verify steps where it builds: one call
+        per layer for every sequence of a step, each output summed in a fixed order (False: torch's SDPA).
     """
 
     graphs: bool | None = None
@@ -58,6 +60,7 @@ class FastConfig:
     timing: bool = False
     cpu_layouts: bool | None = None
     cpu_kernel: bool = True
+    cpu_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.capacity is not None and self.capacity < 1:
@@ -84,7 +87,7 @@ class FastRunner:
         self.vocab_size = self.spec.vocab_size
         cuda = self.device.type == "cuda"
         if config.cpu_layouts if config.cpu_layouts is not None else self.device.type == "cpu":
-            add_cpu_layouts(self.weights, config.cpu_kernel)
+            add_cpu_layouts(self.weights, config.cpu_kernel, config.cpu_attention)
         use_graphs = cuda if config.graphs is None else config.graphs
         if use_graphs and not cuda:
             raise ValueError(f"graphs=True needs a CUDA device; the model is on {self.device}")

@@ -97,11 +97,14 @@ class Weights:
     lm_head: torch.Tensor  # [vocab, hidden] (the embedding itself when tied)
     rope: list[torch.Tensor]  # each [max_positions, 2, head_dim]: cos and sign-folded sin, in the model dtype
     lm_head_cpu: CpuLinear | None = None  # CPU only, see add_cpu_layouts
+    cpu_attention: bool = False  # decode and verify attention through attend.c (CPU only, see add_cpu_layouts)
 
 
-def add_cpu_layouts(weights: Weights, kernel: bool = True) -> None:
+def add_cpu_layouts(weights: Weights, kernel: bool = True, attention: bool = True) -> None:
     """Give every projection its CPU layouts (cpu.CpuLinear): faster steps, above all several-row verify steps,
-    for one or two more copies of the projection weights. kernel=False: torch's products only (no skinny kernel)."""
+    for one or two more copies of the projection weights. kernel=False: torch's products only (no skinny kernel).
+    attention=True: decode and verify steps attend through attend.c where it builds (False: torch's SDPA)."""
+    weights.cpu_attention = attention
     for layer in weights.layers:
         layer.qkv_cpu, layer.o_cpu = CpuLinear.of(layer.qkv, kernel), CpuLinear.of(layer.o, kernel)
         layer.gate_up_cpu, layer.down_cpu = CpuLinear.of(layer.gate_up, kernel), CpuLinear.of(layer.down, kernel)
