@@ -212,6 +212,10 @@ def test_acceptance_estimates_rank_the_nodes_it_would_draft():
     drafter.acceptance_estimates([5, 6, 7, 8, 5, 6], budget=4)
     other = [9, 9, 9, 9, 1, 6]  # as long, no earlier occurrence of its suffix: the template alone
     assert drafter.propose(other, budget=4).tokens.tolist() == hybrid_with_rows(ROWS).propose(other, 4).tokens.tolist()
+    # estimates for a small budget, then a draft with a larger one: worked out again, as a fresh drafter drafts it
+    drafter.acceptance_estimates([5, 6, 7, 8, 5, 6], budget=1)
+    assert drafter.propose([5, 6, 7, 8, 5, 6], budget=6).tokens.tolist() == \
+        hybrid_with_rows(ROWS).propose([5, 6, 7, 8, 5, 6], budget=6).tokens.tolist()
 
 
 def test_loop_budget_caps_everything():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from leapdecode.drafters.base import Draft
-from leapdecode.sampling import SamplingConfig, sample, warp
+from leapdecode.sampling import SamplingConfig, argmax_rows, sample, warp
 from leapdecode.tree import children
 
 
@@ -30,7 +30,7 @@ class Acceptance:
 
 def accept_greedy(draft: Draft, logits: torch.Tensor) -> Acceptance:
     """logits [n + 1, vocab]. Walk from the root along children equal to the target's argmax."""
-    best = logits.argmax(-1).tolist()  # [n + 1] target's greedy token at the root and at each node
+    best = argmax_rows(logits)  # [n + 1] target's greedy token at the root and at each node
     tokens = draft.tokens.tolist()
     kids = children(draft.parents)
     path: list[int] = []

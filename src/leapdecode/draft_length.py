@@ -156,7 +156,7 @@ class StepCost:
 
     def curve(self, rows: int) -> float:
         """Seconds of one sequence's step of `rows` rows."""
-        ns = sorted(self.points)
+        ns = self._rows
         if rows <= ns[0]:
             return self.points[ns[0]]
         if rows >= ns[-1]:
@@ -184,7 +184,8 @@ class StepCost:
                 elif n > anchor and self.points[n] < value:
                     self.points[n] = value
         highest = 0.0
-        for n in sorted(self.points):
+        self._rows = sorted(self.points)  # the curve's known row counts, ascending
+        for n in self._rows:
             highest = self.points[n] = max(self.points[n], highest)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -188,7 +189,7 @@ class Hybrid:
         self._selected: list[int] = []  # template nodes selected for the last draft
         self._origin: dict[int, int] = {}  # merged node -> template index, for the recycling nodes drafted
         self._last_draft: Draft | None = None
-        self._planned: tuple | None = None  # (context, n, chain, ranked, merged) of the last _plan, until observe
+        self._planned: tuple | None = None  # (context, limit, n, chain, ranked, merged) of the last _plan, until observe
         self.steps = self.nodes = self.chain_nodes = 0  # facts for the stats
 
     @classmethod
@@ -228,23 +229,25 @@ class Hybrid:
         likely first: the expected accepted tokens of a k-node draft are the sum of the first k. The server's
         scheduler uses them to share a step's rows among the sequences of a batch, then calls propose for the
         same context, which reuses this step's match and ranking (_plan)."""
-        _, _, _, merged = self._plan(context)
+        _, _, _, merged = self._plan(context, budget)
         return np.array([-p for p, _ in merged[: self._cap(budget, len(merged))]])
 
-    def _plan(self, context: Sequence[int]) -> tuple[int, list[int], np.ndarray, list[tuple[float, int]]]:
-        """(match length n, copy chain, the template's nodes by estimate, the chain's and the template's nodes
-        merged, most likely first, as (-probability, 0 for a chain node or 1 for a template node)). Computed once
-        per context and step: nothing it reads changes before observe."""
+    def _plan(self, context: Sequence[int], limit: int) -> tuple[int, list[int], np.ndarray, list[tuple[float, int]]]:
+        """(match length n, copy chain, the template's nodes by estimate, the `limit` most likely nodes of the chain
+        and the template merged, most likely first, as (-probability, 0 for a chain node or 1 for a template node)).
+        Computed once per context and step (nothing it reads changes before observe), again only for a larger
+        limit."""
         key = tuple(context)
-        if self._planned is not None and self._planned[0] == key:
-            return self._planned[1:]
+        if self._planned is not None and self._planned[0] == key and self._planned[1] >= limit:
+            return self._planned[2:]
         n, chain = self.lookup.match(context, self.max_chain)
         chain_p = self.chain_stats.probs(n)[: len(chain)] if n else np.zeros(0)  # [len(chain)] non-increasing
         template = self.recycling.template
         ranked = template.ranked()
         template_p = template.estimates()[ranked]  # [T] non-increasing
-        merged = list(heapq.merge(((-p, 0) for p in chain_p), ((-p, 1) for p in template_p)))  # most likely first
-        self._planned = (key, n, chain, ranked, merged)
+        merged = list(itertools.islice(heapq.merge(((-p, 0) for p in chain_p), ((-p, 1) for p in template_p)),
+                                       max(limit, 0)))  # most likely first
+        self._planned = (key, limit, n, chain, ranked, merged)
         return n, chain, ranked, merged
 
     def _cap(self, budget: int, available: int) -> int:
@@ -259,9 +262,13 @@ class Hybrid:
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self._origin, self._chain_nodes, self._selected = {}, [], []
-        n, chain, ranked, merged = self._plan(context)
-        self._match = (n, chain)
+        n, chain, ranked, merged = self._plan(context, budget)
+        self._match = (n, chain)  # observe learns the chain's reliability whether or not it is drafted
         size, n_chain = self._choose(merged, budget)
+        self.steps += 1
+        if size == 0:
+            self._last_draft = Draft.empty()
+            return self._last_draft
         root, chain, take = int(context[-1]), chain[:n_chain], size - n_chain
         template = self.recycling.template
         for _ in range(3):  # template nodes that coincide with chain nodes free their slot for the next ones
@@ -275,7 +282,6 @@ class Hybrid:
         for j, node in enumerate(origin):
             if node >= 0:
                 self._origin[node] = template_nodes[j]
-        self.steps += 1
         self.nodes += len(merged)
         self.chain_nodes += len(self._chain_nodes)
         draft = Draft.tree(merged, merged_parents) if merged else Draft.empty()
