@@ -189,7 +189,7 @@ class Hybrid:
         self._selected: list[int] = []  # template nodes selected for the last draft
         self._origin: dict[int, int] = {}  # merged node -> template index, for the recycling nodes drafted
         self._last_draft: Draft | None = None
-        self._planned: tuple | None = None  # (context, limit, n, chain, ranked, merged) of the last _plan, until observe
+        self._planned: tuple | None = None  # (context, limit, n, chain, ranked, merged): the last _plan, until observe
         self.steps = self.nodes = self.chain_nodes = 0  # facts for the stats
 
     @classmethod
