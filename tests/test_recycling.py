@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -349,3 +350,29 @@ def test_fork_shares_the_table_and_counts_but_not_step_state():
     assert parent.table.table[4, 0] == 1  # the fork wrote the shared table
     assert parent.template.trials.tolist() == [1, 0, 1] and parent.template.hits.tolist() == [1, 0, 0]
     assert fork._last_draft is draft and parent._last_draft is None  # step state is the fork's own
+
+
+def test_a_saved_table_is_read_once_per_version(tmp_path, monkeypatch):
+    """A server builds a drafter per request from one shipped table: the file is read and checked once, each
+    drafter gets its own copy, and a rewritten file is read again."""
+    from leapdecode.drafters import recycling as module
+
+    path = tmp_path / "t.pt"
+    first = module.RecyclingTable(top_k=2)
+    first.update([3], torch.tensor([[0.0, 1.0, 5.0, 2.0, 0.5]]))
+    first.save(path)
+    reads = []
+    real = module.torch.load
+    monkeypatch.setattr(module.torch, "load", lambda *a, **k: reads.append(a) or real(*a, **k))
+    a, b = module.RecyclingTable(top_k=2), module.RecyclingTable(top_k=2)
+    a.load(path)
+    b.load(path)
+    assert len(reads) == 1 and a.table.tolist() == b.table.tolist() and a.table[3].tolist() == [2, 3]
+    a.table[3] = [4, 0]  # each has its own table
+    assert b.table[3].tolist() == [2, 3]
+    first.update([1], torch.tensor([[9.0, 0.0, 0.0, 0.0, 1.0]]))
+    first.save(path)
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new version, even within the same tick
+    c = module.RecyclingTable(top_k=2)
+    c.load(path)
+    assert len(reads) == 2 and c.table[1].tolist() == [0, 4]

@@ -250,17 +250,9 @@ class RecyclingTable:
         if not Path(path).is_file():
             raise FileNotFoundError(f"token recycling table {str(path)!r} not found (write one with the drafter's "
                                     f"save() or `leapdecode distill-tables`)")
-        data = torch.load(Path(path), weights_only=True)
-        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise ValueError(f"{path} is not a token recycling table (format {TABLE_FORMAT})")
-        vocab, k, table = int(data["vocab_size"]), int(data["top_k"]), data["table"].numpy().astype(np.int32)
+        vocab, k, table = _read_table(Path(path))
         if self.vocab_size is not None and vocab != self.vocab_size:
             raise ValueError(f"table {path} has vocab {vocab}, this drafter's vocab is {self.vocab_size}")
-        if table.shape != (vocab, k) or table.min() < -1 or table.max() >= vocab:
-            raise ValueError(f"table {path} is malformed (shape {tuple(table.shape)}, ids outside [-1, {vocab}))")
-        ordered = np.sort(table, axis=1)
-        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
-            raise ValueError(f"table {path} has a row with a repeated token (siblings must be distinct)")
         out = np.full((vocab, self.top_k), -1, dtype=np.int32)  # [vocab, top_k]
         out[:, : min(k, self.top_k)] = table[:, : self.top_k]
         self.vocab_size, self.table = vocab, out
@@ -294,6 +286,32 @@ class RecyclingTable:
             parents.append(slot[p])
             origin.append(i)
         return tokens, parents, origin
+
+
+def _read_table(path: Path) -> tuple[int, int, np.ndarray]:
+    """(vocab, k, table [vocab, k] int32, read-only) of a saved table, checked. Kept in memory per file version
+    (path, size, modification time): a server builds a drafter per request from the same shipped table, and
+    reading and checking it each time took a few milliseconds of the request's path."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _TABLES:
+        data = torch.load(path, weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+            raise ValueError(f"{path} is not a token recycling table (format {TABLE_FORMAT})")
+        vocab, k, table = int(data["vocab_size"]), int(data["top_k"]), data["table"].numpy().astype(np.int32)
+        if table.shape != (vocab, k) or table.min() < -1 or table.max() >= vocab:
+            raise ValueError(f"table {path} is malformed (shape {tuple(table.shape)}, ids outside [-1, {vocab}))")
+        ordered = np.sort(table, axis=1)
+        if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+            raise ValueError(f"table {path} has a row with a repeated token (siblings must be distinct)")
+        table.flags.writeable = False  # shared by every drafter loaded from it; each copies it into its own table
+        if len(_TABLES) >= 8:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = (vocab, k, table)
+    return _TABLES[key]
+
+
+_TABLES: dict[tuple[str, int, int], tuple[int, int, np.ndarray]] = {}  # _read_table's checked tables
 
 
 def target_options(kwargs: dict[str, Any], target: Any) -> dict[str, Any]:
