@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -77,16 +78,15 @@ def forward_batch(spec: Spec, weights: Weights, ids: torch.Tensor, positions: to
     if weights.cpu_attention and attend.usable(x, spec.head_dim, [seg.rows for seg in segments]):
         plan = attend.step([seg.first for seg in segments], [seg.rows for seg in segments],
                            [int(seg.start) for seg in segments], [seg.cache.kv for seg in segments], masks)
-        attention_of = lambda i: lambda qkv: attend.attend(  # noqa: E731
-            qkv, plan, i, spec.windows[i], spec.n_heads, spec.n_kv_heads, spec.attn_scale)
+        attention_of = [partial(attend.attend, plan=plan, layer=i, window=spec.windows[i], heads=spec.n_heads,
+                                kv_heads=spec.n_kv_heads, scale=spec.attn_scale) for i in range(spec.n_layers)]
     else:
         biases = [{window: attention_bias(spec, mask[window], x.dtype) for window in windows} for mask in masks]
         slots = [seg.start + torch.arange(seg.rows, device=ids.device) for seg in segments]  # [rows] each
-        attention_of = lambda i: lambda qkv: torch.cat([  # noqa: E731
-            attention(spec, seg.cache.layer(i), qkv[seg.first: seg.first + seg.rows], where, seg.length,
-                      bias[spec.windows[i]]) for seg, where, bias in zip(segments, slots, biases)])
+        attention_of = [partial(attention_per_sequence, spec=spec, layer=i, segments=segments, slots=slots,
+                                biases=biases) for i in range(spec.n_layers)]
     for i, layer in enumerate(weights.layers):
-        x = block(spec, layer, x, rotary[spec.rope_of_layer[i]], attention_of(i))
+        x = block(spec, layer, x, rotary[spec.rope_of_layer[i]], attention_of[i])
     if not logits:
         return None
     out = linear(rms_norm(spec, x, weights.final_norm), weights.lm_head, weights.lm_head_cpu)  # [R, vocab]
@@ -119,6 +119,15 @@ def block(spec: Spec, layer: LayerWeights, x: torch.Tensor, rotary: tuple[torch.
     if spec.family == "gemma3":
         return x + rms_norm(spec, linear(hidden, layer.down, layer.down_cpu), layer.post_mlp_norm)
     return _residual_linear(x, hidden, layer.down, layer.down_cpu, layer.down_bias)
+
+
+def attention_per_sequence(qkv: torch.Tensor, spec: Spec, layer: int, segments: list[Segment],
+                           slots: list[torch.Tensor], biases: list[dict[int | None, torch.Tensor]]) -> torch.Tensor:
+    """Layer `layer`'s attention through torch's SDPA, one call per sequence: qkv [R, qkv_heads, d] (rotated) of
+    every segment, the slots each segment's rows are written to -> [R, heads * d]."""
+    return torch.cat([attention(spec, seg.cache.layer(layer), qkv[seg.first: seg.first + seg.rows], where,
+                                seg.length, bias[spec.windows[layer]])
+                      for seg, where, bias in zip(segments, slots, biases)])
 
 
 def attention(spec: Spec, kv_cache: torch.Tensor, qkv: torch.Tensor, slots: torch.Tensor, length: int,
