@@ -71,8 +71,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
 
 def argmax_rows(logits: torch.Tensor) -> list[int]:
     """The index of each row's largest value, the first one on ties (as torch's argmax) for logits [r, vocab]. On a
-    CPU through numpy: torch's CPU argmax over SmolLM2's 49k-token vocabulary took about 0.1 ms per row on the
-    development machine, ten times numpy's, and the greedy rule pays it for every row of every step."""
+    CPU through numpy, whose argmax over a vocabulary-wide row was much faster than torch's on the development
+    machine; the greedy rule pays it for every row of every step."""
     if logits.device.type == "cpu":
         return logits.float().numpy().argmax(-1).tolist()
     return logits.argmax(-1).tolist()

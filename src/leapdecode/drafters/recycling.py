@@ -291,7 +291,7 @@ class RecyclingTable:
 def _read_table(path: Path) -> tuple[int, int, np.ndarray]:
     """(vocab, k, table [vocab, k] int32, read-only) of a saved table, checked. Kept in memory per file version
     (path, size, modification time): a server builds a drafter per request from the same shipped table, and
-    reading and checking it each time took a few milliseconds of the request's path."""
+    reading and checking it each time sat on every request's path."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _TABLES:
