@@ -1,12 +1,18 @@
 /* leapdecode's skinny matrix product for CPU decode and verify steps (see skinny.py).
  *
  * y[r, j] = sum_k x[r, k] * w[j, k] for x [R, K], w [N, K] (the weight as stored), y [R, N], float32, R small.
- * The weight is streamed once: each block of 8 weight rows is read from memory for the first row of x and from the
- * cache for the others. Every y[r, j] is summed in one fixed order (8 lanes over k, a fixed horizontal sum, then the
- * tail k >= K & ~7), whatever R, the block or the thread: a row's result does not depend on the rows beside it. */
+ * The weight is streamed once, in blocks of 3 rows: a block is read from memory by the first tile of x rows and
+ * from the cache by the others, and every tile prefetches its share of the block PREFETCH blocks on, so memory and
+ * arithmetic overlap. A tile is up to 4 rows of x against the block's 3 weight rows, 12 accumulators in registers:
+ * each weight load serves 4 rows.
+ * Every y[r, j] is summed in one fixed order (8 lanes over k, a fixed horizontal sum, then the tail
+ * k >= K & ~7), whatever R, the tile, the block or the thread: a row's result does not depend on the rows beside it. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+
+#define COLS 3      /* weight rows per block */
+#define PREFETCH 2  /* blocks ahead */
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -20,50 +26,53 @@ static inline float tail(const float* x, const float* w, int64_t k0, int64_t K, 
   return s;
 }
 
-/* one row of x against 8 weight rows starting at w */
-static inline void block8(const float* x, const float* w, float* y, int64_t K) {
+/* RB rows of x against CB weight rows (both with stride K) into y (stride N). Iteration i also prefetches
+ * pf + i * stride (and 16 floats on where the stride is longer than a cache line). */
+static inline __attribute__((always_inline)) void tile(const float* x, const float* w, float* y, int64_t K,
+                                                       int64_t N, int RB, int CB, const float* pf, int64_t stride) {
   const int64_t K8 = K & ~(int64_t)7;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t k = 0; k < K8; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
-    a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 0 * K + k), a0);
-    a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 1 * K + k), a1);
-    a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 2 * K + k), a2);
-    a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 3 * K + k), a3);
-    a4 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 4 * K + k), a4);
-    a5 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 5 * K + k), a5);
-    a6 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 6 * K + k), a6);
-    a7 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 7 * K + k), a7);
+  __m256 a[4][COLS];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CB; ++j) a[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0, i = 0; k < K8; k += 8, ++i) {
+    _mm_prefetch((const char*)(pf + i * stride), _MM_HINT_T0);
+    if (stride > 16) _mm_prefetch((const char*)(pf + i * stride + 16), _MM_HINT_T0);
+    __m256 xv[4];
+    for (int r = 0; r < RB; ++r) xv[r] = _mm256_loadu_ps(x + r * K + k);
+    for (int j = 0; j < CB; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + j * K + k);
+      for (int r = 0; r < RB; ++r) a[r][j] = _mm256_fmadd_ps(xv[r], wv, a[r][j]);
+    }
   }
-  y[0] = tail(x, w + 0 * K, K8, K, hsum(a0));
-  y[1] = tail(x, w + 1 * K, K8, K, hsum(a1));
-  y[2] = tail(x, w + 2 * K, K8, K, hsum(a2));
-  y[3] = tail(x, w + 3 * K, K8, K, hsum(a3));
-  y[4] = tail(x, w + 4 * K, K8, K, hsum(a4));
-  y[5] = tail(x, w + 5 * K, K8, K, hsum(a5));
-  y[6] = tail(x, w + 6 * K, K8, K, hsum(a6));
-  y[7] = tail(x, w + 7 * K, K8, K, hsum(a7));
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CB; ++j) y[r * N + j] = tail(x + r * K, w + j * K, K8, K, hsum(a[r][j]));
 }
 
-/* one row of x against one weight row: the same order of sums as one lane set of block8 */
-static inline float dot1(const float* x, const float* w, int64_t K) {
-  const int64_t K8 = K & ~(int64_t)7;
-  __m256 a = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a);
-  return tail(x, w, K8, K, hsum(a));
+/* every row of x against the CB weight rows at w, while the tiles share out the prefetch of the CB * K floats at
+ * `next`: the memory streams a later block all the time this one is computed, not only during its first tile */
+static inline __attribute__((always_inline)) void block(const float* x, const float* w, float* y, int64_t R,
+                                                        int64_t K, int64_t N, int CB, const float* next) {
+  const int64_t tiles = (R + 3) / 4, iters = K / 8 > 0 ? K / 8 : 1;
+  const int64_t share = (CB * K + tiles - 1) / tiles;  /* floats each tile prefetches */
+  const int64_t stride = (share + iters - 1) / iters;  /* floats per iteration */
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4, next += share) tile(x + r * K, w, y + r * N, K, N, 4, CB, next, stride);
+  switch (R - r) {
+    case 3: tile(x + r * K, w, y + r * N, K, N, 3, CB, next, stride); break;
+    case 2: tile(x + r * K, w, y + r * N, K, N, 2, CB, next, stride); break;
+    case 1: tile(x + r * K, w, y + r * N, K, N, 1, CB, next, stride); break;
+  }
 }
 
 void leap_skinny(const float* x, const float* w, float* y, int64_t R, int64_t K, int64_t N, int threads) {
-  const int64_t blocks = (N + 7) / 8;
+  const int64_t blocks = N / COLS, rest = N % COLS;
   (void)threads; /* unused in a build without OpenMP */
   #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t j0 = b * 8;
-    if (j0 + 8 <= N) {
-      for (int64_t r = 0; r < R; ++r) block8(x + r * K, w + j0 * K, y + r * N + j0, K);
-    } else {
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = j0; j < N; ++j) y[r * N + j] = dot1(x + r * K, w + j * K, K);
-    }
+    const float* here = w + b * COLS * K;  /* the last blocks prefetch themselves: no read past the weight */
+    block(x, here, y + b * COLS, R, K, N, COLS, b + PREFETCH < blocks ? here + PREFETCH * COLS * K : here);
   }
+  const float* last = w + blocks * COLS * K;
+  if (rest == 2) block(x, last, y + blocks * COLS, R, K, N, 2, last);
+  if (rest == 1) block(x, last, y + blocks * COLS, R, K, N, 1, last);
 }

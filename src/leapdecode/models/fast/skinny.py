@@ -2,12 +2,12 @@
 
 A decode step on a CPU streams every weight from memory once per step. torch's general products do more than that
 for a handful of rows (MKL and oneDNN copy or re-block the weight, or read it once per row), so a verify step of
-five rows cost about 1.3x a one-row step. skinny.c reads each block of 8 weight rows from memory once and applies it
-to every row of x while it is in the cache, with AVX2 fused multiply-adds, on as many OpenMP threads as torch uses
-(the same OpenMP runtime where torch ships libgomp, as its Linux wheels do). On the 2-core development machine
-SmolLM2-135M's whole verify step is faster with it than with torch's layouts at every size up to 48 draft nodes (49
-rows; `python scripts/latency_curve.py --compare-kernel`), oneDNN's packed product is faster from 65 rows
-(`python scripts/cpu_matmul.py`; BENCHMARKS.md section 0c has both), and it needs no copy of the weights.
+five rows cost about 1.3x a one-row step. skinny.c reads each block of 3 weight rows from memory once, prefetching
+the block two ahead, and applies it to every row of x while it is in the cache, 4 rows of x at a time with AVX2
+fused multiply-adds (12 sums in registers, so one weight load serves 4 rows), on as many OpenMP threads as torch
+uses (the same OpenMP runtime where torch ships libgomp, as its Linux wheels do). The product is faster than
+torch's layouts up to about 33 rows and level with oneDNN's packed product from there to 65
+(`python scripts/cpu_matmul.py`; BENCHMARKS.md sections 0c and 0f), and it needs no copy of the weights.
 
 Every y[r, j] is summed in one fixed order whatever the number of rows, the block or the thread, so a row's
 products do not depend on the rows beside it: a one-row step and a verify step multiply the same token's
@@ -66,7 +66,7 @@ def tag() -> str:
 
 
 def self_check(lib) -> str | None:
-    """Run the kernel on random shapes with both block kinds and a k tail; compare with torch."""
+    """Run the kernel on random shapes with full and partial tiles and blocks and a k tail; compare with torch."""
     gen = torch.Generator().manual_seed(0)
     for rows, k, n in ((1, 64, 24), (5, 37, 19), (9, 128, 8)):
         x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
