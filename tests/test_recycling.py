@@ -16,6 +16,7 @@ from leapdecode.drafters.recycling import (RecyclingTable, TokenRecycling, TreeT
                                            parse_template)
 from leapdecode.models.hf import HFRunner
 from leapdecode.models.tiny import tiny_model
+from leapdecode.sampling import top_k_rows
 from leapdecode.stats import Stats
 from leapdecode.tree import children
 
@@ -376,3 +377,35 @@ def test_a_saved_table_is_read_once_per_version(tmp_path, monkeypatch):
     c = module.RecyclingTable(top_k=2)
     c.load(path)
     assert len(reads) == 2 and c.table[1].tolist() == [0, 4]
+
+
+# ------------------------------------------------------------------------------------ top_k_rows (recycling)
+
+
+@pytest.mark.parametrize("rows,vocab,k", [(1, 49152, 8), (5, 49152, 8), (3, 1000, 4), (2, 100, 1), (4, 263, 16)])
+def test_top_k_rows_agrees_with_torch_topk(rows, vocab, k):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows * vocab + k))
+    assert np.array_equal(top_k_rows(logits, k), torch.topk(logits, k, dim=-1).indices.numpy())
+
+
+def test_top_k_rows_handles_ties_peaks_and_infinities():
+    logits = torch.full((3, 4096), -5.0)
+    logits[0, [7, 3000, 12]] = 2.0  # three tied maxima: lower index first, then the rest of the ties
+    logits[1, :] = float("-inf")
+    logits[1, [40, 41]] = 0.0  # a masked row: the k - 2 others come from the -inf ties
+    logits[2, 100:200] = 1.0  # one chunk holds many more candidates than k
+    logits[2, 4000] = 3.0
+    top = top_k_rows(logits, 5)
+    assert top[0].tolist() == [7, 12, 3000, 0, 1]
+    assert top[1].tolist()[:2] == [40, 41] and len(set(top[1].tolist())) == 5
+    assert top[2].tolist() == [4000, 100, 101, 102, 103]
+
+
+def test_top_k_rows_falls_back_to_torch_where_numpy_cannot_serve():
+    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(3))
+    half = logits.to(torch.bfloat16)
+    assert np.array_equal(top_k_rows(half, 8), torch.topk(half, 8, dim=-1).indices.numpy())
+    nan = logits.clone()
+    nan[1, 9] = float("nan")
+    assert np.array_equal(top_k_rows(nan, 8)[0], torch.topk(logits, 8, dim=-1).indices[0].numpy())
+    assert top_k_rows(logits, 40).shape == (2, 40)  # k not small against 64 chunks: torch.topk

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -76,3 +77,29 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     if logits.device.type == "cpu":
         return logits.float().numpy().argmax(-1).tolist()
     return logits.argmax(-1).tolist()
+
+
+def top_k_rows(logits: torch.Tensor, k: int) -> np.ndarray:
+    """The indices of each row's k largest values, largest first, distinct, for logits [r, vocab] -> int64 [r, k].
+
+    On a CPU through numpy, about 2.5x faster than torch.topk on the development machine for a few
+    SmolLM2-sized rows (recycling writes a table row from every verified node of every step): the k-th largest of
+    64 chunk maxima is a threshold that at least k values of the row reach, and only those are sorted (by value,
+    then index). Elsewhere, for other dtypes, for a k that is not small against the row, or for rows holding NaN,
+    torch.topk."""
+    rows, vocab = logits.shape
+    chunks = 64
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or not 0 < k <= chunks // 4 or vocab < chunks:
+        return torch.topk(logits, min(k, vocab), dim=-1).indices.cpu().numpy()
+    x = logits.detach().numpy()  # [r, vocab]
+    step = -(-vocab // chunks)
+    maxima = np.maximum.reduceat(x, np.arange(0, vocab, step), axis=1)  # [r, C]
+    if np.isnan(maxima).any():
+        return torch.topk(logits, k, dim=-1).indices.numpy()
+    C = maxima.shape[1]
+    threshold = np.partition(maxima, C - k, axis=1)[:, C - k]  # [r]: k distinct values of the row reach it
+    out = np.empty((rows, k), dtype=np.int64)
+    for i in range(rows):
+        candidates = np.flatnonzero(x[i] >= threshold[i])  # [c >= k], ascending
+        out[i] = candidates[np.lexsort((candidates, -x[i, candidates]))[:k]]
+    return out

@@ -13,10 +13,10 @@ The default template is built best-first from per-rank acceptance rates (wide ne
 rank 0). A node whose parent token has no row yet (never seen) is skipped with its subtree.
 
 Siblings carry distinct tokens because they are distinct entries of one table row, and a row is written whole from
-one torch.topk (distinct indices): the exact sampling rule for deterministic trees relies on that.
+one top-k (sampling.top_k_rows: distinct indices): the exact sampling rule for deterministic trees relies on that.
 
 After each step the rows of the root and of every verified node's token are overwritten with the target's top-k at
-that node, accepted or not, from one batched topk over all rows. The table outlives `reset()` (warm start across
+that node, accepted or not, from one top-k over all rows. The table outlives `reset()` (warm start across
 requests) and can be saved and loaded. Memory: vocab x k int32 (SmolLM2, k = 8: 1.5 MiB).
 
 Tree size: the template can be pruned to a budget by estimated acceptance. Each template node counts how often it was
@@ -40,7 +40,7 @@ import torch
 from leapdecode.budget import LatencyCurve, cached_latency_curve, choose_budget
 from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.drafters.shipped import AUTO, is_auto, resolve_table
-from leapdecode.sampling import SamplingConfig
+from leapdecode.sampling import SamplingConfig, top_k_rows
 
 TABLE_FORMAT = 1
 # P(the rank-r entry of a row is the target's next token | the parent node was accepted), measured on
@@ -197,7 +197,7 @@ class RecyclingTable:
         elif logits.shape[-1] != self.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} columns but the table has vocab {self.vocab_size}")
         k = min(self.top_k, self.vocab_size)
-        top = torch.topk(logits, k, dim=-1).indices.to("cpu", torch.int32).numpy()  # [r, k] distinct per row
+        top = top_k_rows(logits, k).astype(np.int32)  # [r, k] distinct per row
         rows = np.asarray(tokens, dtype=np.int64).reshape(-1)  # [r]
         if order is not None:
             order = np.asarray(order, dtype=np.int64)
