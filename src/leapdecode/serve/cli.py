@@ -98,7 +98,9 @@ def loadgen(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model to serve when no --url is given."),
     drafter: str = typer.Option("copy", "--drafter", "-d", help="Drafter for 'speculation on' ('off' is none)."),
     concurrency: str = typer.Option("1,4,16", help="Comma-separated concurrency levels."),
-    requests: int = typer.Option(32, help="Requests per (level, on/off, round)."),
+    requests: int = typer.Option(32, help="Requests per (level, on/off, round). With as many requests as the "
+                                          "concurrency, all start together and the run ends with the slowest one; "
+                                          "several times the concurrency measures a server under steady load."),
     rounds: int = typer.Option(1, help="Times each level runs on and off, alternating which goes first; the report "
                                        "adds up the rounds and lists each round's speed-up."),
     max_tokens: int = typer.Option(128, help="max_tokens of every request."),
