@@ -2,8 +2,9 @@
 
 One server process for the module (8 batch slots, default drafter copy, drafter state shared between requests).
 Greedy responses are compared with offline `generate` (plain decoding, the same model in this process): a
-completion must be exactly the text the model writes alone, whatever else the server is doing. The load test sends 64 chat requests, 8 at a time, with
-different prompts, lengths and drafters, so sequences join and leave the batch at every step.
+completion must be exactly the text the model writes alone, whatever else the server is doing. The load test sends
+64 chat requests, 8 at a time, with different prompts, lengths and drafters, so sequences join and leave the batch
+at every step.
 """
 
 from __future__ import annotations

@@ -82,11 +82,11 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
 def top_k_rows(logits: torch.Tensor, k: int) -> np.ndarray:
     """The indices of each row's k largest values, largest first, distinct, for logits [r, vocab] -> int64 [r, k].
 
-    On a CPU through numpy, about 2.5x faster than torch.topk on the development machine for a few
-    SmolLM2-sized rows (recycling writes a table row from every verified node of every step): the k-th largest of
-    64 chunk maxima is a threshold that at least k values of the row reach, and only those are sorted (by value,
-    then index). Elsewhere, for other dtypes, for a k that is not small against the row, or for rows holding NaN,
-    torch.topk."""
+    On a CPU through numpy, because torch.topk over a few vocabulary-wide rows was most of what recycling's table
+    update cost in a profile of the server (it writes a table row from every verified node of every step): the
+    k-th largest of 64 chunk maxima is a threshold that at least k values of the row reach, and only those are
+    sorted (by value, then index). Elsewhere, for other dtypes, for a k that is not small against the row, or for
+    rows holding NaN, torch.topk."""
     rows, vocab = logits.shape
     chunks = 64
     if logits.device.type != "cpu" or logits.dtype != torch.float32 or not 0 < k <= chunks // 4 or vocab < chunks:
