@@ -69,7 +69,7 @@ void leap_skinny(const float* x, const float* w, float* y, int64_t R, int64_t K,
   (void)threads; /* unused in a build without OpenMP */
   #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
-    const float* here = w + b * COLS * K;  /* the last blocks prefetch themselves: no read past the weight */
+    const float* here = w + b * COLS * K;  /* the last blocks prefetch themselves, not what lies past the weight */
     block(x, here, y + b * COLS, R, K, N, COLS, b + PREFETCH < blocks ? here + PREFETCH * COLS * K : here);
   }
   const float* last = w + blocks * COLS * K;
