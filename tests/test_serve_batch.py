@@ -7,6 +7,8 @@ chunks of 7 tokens; each one's greedy tokens must equal offline plain decoding o
 
 from __future__ import annotations
 
+import io
+import json
 import queue
 
 import pytest
@@ -20,6 +22,7 @@ from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.models.hf import HFRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.scheduler import Overloaded, Scheduler, SchedulerConfig, Unavailable
+from leapdecode.serve.trace import markdown, summarize
 from leapdecode.serve.sequence import Delta, Failed, Finished, Sequence, TextAssembler, needs_reproducible_drafts
 from leapdecode.draft_length import StepCost
 from scripted_drafters import EstimatingDrafter, OracleDrafter, OracleTreeDrafter, RandomDrafter
@@ -334,3 +337,33 @@ def test_prefill_keeps_its_pace_while_others_speculate(tiny_models):
     assert results[0].tokens == expected and isinstance(results[1], Finished)
     assert max(drafter.budgets) == 4
     assert max(runner.chunks) == 14 and runner.chunks.count(14) >= 3  # 59 tokens, 14 at a time
+
+
+def test_the_step_trace_accounts_for_every_token(tiny_models):
+    # `leapdecode serve --trace`: one JSON line per iteration; the decode steps' emitted tokens add up to what the
+    # requests received, the prefilled tokens to their prompts (the root excepted), and the summary reads it back
+    tiny, trace = tiny_models["llama"], io.StringIO()
+    prompts, expected = make_prompts(), expected_outputs(tiny)
+    scheduler = Scheduler(batch_runner("fast", tiny, 3), SchedulerConfig(max_batch=3, prefill_chunk=7, max_draft=8),
+                          cost=StepCost(FLAT, weight=0.0), trace=trace)
+    scheduler.start()
+    try:
+        drafters = [make_drafter("hybrid", {"table_path": ""}, target=tiny) if i % 2 else make_drafter("none")
+                    for i in range(len(prompts))]
+        specs = [(p, GenerationConfig(max_new_tokens=n, ignore_eos=True), d)
+                 for p, n, d in zip(prompts, LENGTHS, drafters)]
+        results = run_all(scheduler, specs)
+    finally:
+        assert scheduler.stop()
+    assert [r.tokens for r in results] == expected
+    lines = [json.loads(text) for text in trace.getvalue().splitlines()]
+    steps = [line for line in lines if "rows" in line]
+    assert steps and all(line["rows"] >= line["sequences"] >= 1 for line in steps)
+    assert sum(line["sequences"] + line["accepted"] for line in steps) == sum(len(r.tokens) for r in results)
+    assert sum(line["prefill_tokens"] for line in lines) == sum(len(p) - 1 for p in prompts)
+    assert any(line["rows"] > line["sequences"] for line in steps)  # hybrid drafted, for free here
+    summary = summarize(lines)
+    assert set(summary.by_drafters) <= {"hybrid", "none", "hybrid+none"} and "hybrid+none" in summary.by_drafters
+    assert sum(g.emitted for g in summary.by_drafters.values()) == sum(len(r.tokens) for r in results)
+    assert sum(g.steps for g in summary.by_size.values()) == len(steps)
+    assert "| hybrid+none | all |" in markdown(summary)

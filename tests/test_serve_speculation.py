@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from leapdecode.draft_length import (AcceptanceEstimate, DrafterCalibration, StepCost, choose_draft_length,
@@ -126,12 +128,42 @@ def test_step_cost_prices_further_sequences():
     cost = StepCost({1: 1.0, 9: 2.0}, weight=0.5, per_sequence=0.25)
     assert cost.estimate(4, sequences=4) == pytest.approx(1.375 + 3 * 0.25)  # curve at 4 rows + 3 more sequences
     assert cost.estimate(4) == cost.curve(4) == pytest.approx(1.375)
-    cost.observe(9, 6.0, sequences=5)  # several sequences: the model stays as calibrated
+    cost.observe(9, 6.0, sequences=5)  # several sequences: the curve and per_sequence stay as calibrated
     assert cost.per_sequence == 0.25 and cost.points[9] == 2.0
     cost.observe(9, 3.0)  # one sequence: the curve moves, 0.5 * 2 + 0.5 * 3
     assert cost.points[9] == pytest.approx(2.5) and cost.per_sequence == 0.25
     with pytest.raises(ValueError, match="per_sequence"):
         StepCost({1: 1.0}, per_sequence=-1.0)
+
+
+def test_step_cost_learns_the_load_and_the_price_of_rows():
+    # steps of 8-16 sequences run 1.3x slower than calibrated, and their drafted rows 1.8x dearer, with 10 % noise
+    rng = random.Random(0)
+
+    def run(cost: StepCost, drafted_share: float) -> StepCost:
+        for _ in range(400):
+            sequences = rng.randint(8, 16)
+            rows = sequences + (rng.randint(1, 16) if rng.random() < drafted_share else 0)
+            plain, extra = cost.calibrated(rows, sequences)
+            cost.observe(rows, (1.3 * plain + 1.8 * extra) * rng.uniform(0.9, 1.1), sequences)
+        return cost
+
+    def fresh() -> StepCost:
+        return StepCost({1: 1.0, 16: 1.5, 64: 4.0}, per_sequence=0.1)
+
+    cost = run(fresh(), 0.5)
+    assert cost.load == pytest.approx(1.3, abs=0.05) and cost.row_load == pytest.approx(1.8, abs=0.25)
+    plain, extra = cost.calibrated(24, 16)
+    assert extra > 0 and cost.estimate(24, 16) == pytest.approx(cost.load * plain + cost.row_load * extra)
+    assert cost.estimate(24) == cost.curve(24)  # one sequence: the curve as it is
+    # the dearer rows buy fewer of them: the same chances, fewer rows than the calibrated model hands out
+    gains = [[0.6, 0.4, 0.25, 0.1] for _ in range(16)]
+    assert sum(choose_draft_lengths(gains, cost)) < sum(choose_draft_lengths(gains, fresh()))
+    only_plain = run(fresh(), 0.0)  # nothing says what a row costs: its factor stays at the prior
+    assert only_plain.load == pytest.approx(1.3, abs=0.05) and only_plain.row_load == 1.0
+    frozen = StepCost({1: 1.0, 16: 1.5}, weight=0.0)  # weight 0 learns nothing
+    frozen.observe(20, 100.0, sequences=16)
+    assert frozen.load == frozen.row_load == 1.0
 
 
 def test_rows_go_to_the_sequences_likeliest_to_gain():

@@ -15,7 +15,8 @@ well each sequence's drafter has been doing.
   probed again later: a bad estimate cannot lock speculation off for good.
 - `StepCost` prices a step: a curve of seconds by the rows of one sequence's step, plus a cost per further sequence
   in the step (a batched forward attends per sequence, against its own cache; `scripts/batch_cost.py` measures both,
-  BENCHMARKS.md section 0d). Both are calibrated at start-up; steps of one sequence keep refining the curve.
+  BENCHMARKS.md section 0d). Both are calibrated at start-up; steps of one sequence keep refining the curve, and
+  steps of several learn how much slower than that calibration plain steps and drafted rows run under load.
 - `choose_draft_length` picks the common draft length k that maximises expected emitted tokens per second for the
   whole batch: (B + sum_b E_b(k)) / cost(rows, B). k = 0 is plain decoding, whose value is B / cost(B, B), so k > 0
   is chosen only when the model of the step predicts more tokens per second than not speculating. A padded step
@@ -121,16 +122,29 @@ class DrafterCalibration:
 
 
 class StepCost:
-    """Seconds per verification pass: curve(rows) + (sequences - 1) x per_sequence.
+    """Seconds per verification pass: curve(rows) + (sequences - 1) x per_sequence, corrected under load.
 
     The curve maps the rows of one sequence's step to seconds, piecewise linear between known points; beyond the
     largest point it grows in proportion to the rows (a compute-bound pass). `per_sequence` is what each further
     sequence in a step adds whatever its rows (its own attention and cache writes), as calibrated. `observe` moves
     the curve at a one-sequence step's rows towards what that step took (by `weight`; 0 freezes it; kept
-    non-decreasing). Steps of several sequences leave the model as it is: what they cost beyond the curve mixes
-    the per-sequence work with the curve's own error and the machine's noise, and the server that learned the
-    per-sequence cost from them priced a row as cheap under load and drafted more than paid (BENCHMARKS.md 0d).
+    non-decreasing).
+
+    Steps of several sequences are priced as load x plain + row_load x extra: plain is the calibrated price of the
+    step without drafts (one row per sequence), extra what the calibrated model adds for the drafted rows, and the
+    two factors are learned from the steps the server runs: a least-squares line through measured / plain against
+    extra / plain, from decayed sums (`batch_decay` per step), each factor pulled towards 1 by a prior
+    (`prior_steps`). A server under load runs its steps slower than the quiet start-up calibration (load > 1), and
+    a drafted row of a wide step can cost more than the one-sequence curve says, by more than the load alone
+    (`leapdecode serve --trace`, BENCHMARKS.md 0g). One factor per kind of work keeps the calibrated model's shape
+    and needs only plain and drafted steps to tell them apart; with one kind alone the prior holds the other.
+    (Learning the per-sequence cost itself from such steps, as session 7's server did, mixed it with the curve's
+    error and priced rows as cheap: BENCHMARKS.md 0d.)
     """
+
+    prior_steps: float = 5.0  # steps of evidence that both factors are 1 (the calibrated model is right)
+    batch_decay: float = 0.99  # per observed multi-sequence step: evidence older than ~100 steps fades
+    factor_range: tuple[float, float] = (0.5, 4.0)  # load and row_load are kept within this range
 
     def __init__(self, points: dict[int, float], weight: float = 0.1, per_sequence: float = 0.0) -> None:
         if not points or any(n < 1 or t <= 0 for n, t in points.items()):
@@ -142,6 +156,9 @@ class StepCost:
         self.points = dict(points)
         self.weight = weight
         self.per_sequence = per_sequence
+        self.load = self.row_load = 1.0  # learned factors of multi-sequence steps (see the class docstring)
+        # decayed sums of weight, x, z, x^2, x z over observed steps, x = extra / plain, z = measured / plain
+        self._fit = [0.0] * 5
         self._monotone()
 
     @staticmethod
@@ -152,7 +169,17 @@ class StepCost:
 
     def estimate(self, rows: int, sequences: int = 1) -> float:
         """Seconds of a step of `rows` rows in all, spread over `sequences` sequences."""
-        return self.curve(rows) + max(sequences - 1, 0) * self.per_sequence
+        plain, extra = self.calibrated(rows, sequences)
+        if sequences <= 1:
+            return plain + extra
+        return self.load * plain + self.row_load * extra
+
+    def calibrated(self, rows: int, sequences: int = 1) -> tuple[float, float]:
+        """The calibrated price of such a step in two parts: (its plain step, one row per sequence; what its
+        drafted rows add), without the learned factors."""
+        base = max(sequences - 1, 0) * self.per_sequence
+        plain = self.curve(max(sequences, 1)) + base
+        return plain, max(self.curve(rows) + base - plain, 0.0)
 
     def curve(self, rows: int) -> float:
         """Seconds of one sequence's step of `rows` rows."""
@@ -169,9 +196,30 @@ class StepCost:
         return self.points[lo] + frac * (self.points[hi] - self.points[lo])
 
     def observe(self, rows: int, seconds: float, sequences: int = 1) -> None:
-        if rows >= 1 and seconds > 0 and self.weight > 0 and sequences == 1:
+        """A step of `rows` rows over `sequences` sequences took `seconds`: one sequence moves the curve (by
+        `weight`), several move the factors load and row_load."""
+        if rows < 1 or seconds <= 0 or self.weight <= 0:
+            return
+        if sequences == 1:
             self.points[rows] = (1.0 - self.weight) * self.curve(rows) + self.weight * seconds
             self._monotone(rows)
+            return
+        plain, extra = self.calibrated(rows, sequences)
+        x, z = extra / plain, seconds / plain
+        self._fit = [self.batch_decay * s + v for s, v in zip(self._fit, (1.0, x, z, x * x, x * z))]
+        self.load, self.row_load = self._solve()
+
+    def _solve(self) -> tuple[float, float]:
+        """The line z = load + row_load x that fits the observations, each factor pulled towards 1 (ridge): load
+        by prior_steps steps, row_load by as many steps whose drafted rows add a third to their price (x^2 ~ 0.1)."""
+        w, sx, sz, sxx, sxz = self._fit
+        pull_load, pull_rows = self.prior_steps, 0.1 * self.prior_steps
+        a11, a12, a22 = w + pull_load, sx, sxx + pull_rows
+        b1, b2 = sz + pull_load, sxz + pull_rows
+        det = a11 * a22 - a12 * a12  # > 0: both pulls are positive
+        load, row_load = (b1 * a22 - a12 * b2) / det, (a11 * b2 - a12 * b1) / det
+        lo, hi = self.factor_range
+        return min(max(load, lo), hi), min(max(row_load, lo), hi)
 
     def _monotone(self, anchor: int | None = None) -> None:
         """Keep cost non-decreasing in rows (noise must not make a wider step look cheaper than a narrower one):

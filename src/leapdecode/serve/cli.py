@@ -55,6 +55,10 @@ def serve(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     log_level: str = typer.Option("info", help="uvicorn log level: critical, error, warning, info, debug."),
+    trace: Optional[Path] = typer.Option(None, help="Append one JSON line per scheduler iteration to this file: "
+                                         "sequences, rows, the cost model's price against the measured forward, "
+                                         "expected against accepted draft tokens, drafter and prefill seconds "
+                                         "(for tuning; see docs in leapdecode.serve.scheduler)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and adaptive speculation."""
     import torch
@@ -76,7 +80,7 @@ def serve(
                              max_batch=max_batch, max_waiting=max_waiting, max_context=max_context,
                              max_tokens_limit=max_tokens_limit, prefill_chunk=prefill_chunk, max_draft=max_draft,
                              api_key=api_key, drain_timeout=drain_timeout, runner=runner,
-                             share_drafter_state=share_drafter_state)
+                             share_drafter_state=share_drafter_state, trace=str(trace) if trace else None)
         with err.status(f"loading {model} ..."):
             target = load_model(model, device=device, dtype=dtype)
         if served_model_name is None:

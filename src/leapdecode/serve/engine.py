@@ -46,6 +46,7 @@ class ServeConfig:
     runner: str = "auto"  # "fast": batched fast forward (models/fast/batch.py); "hf": transformers' forward;
     # "auto": fast where the model's architecture is supported, else hf
     share_drafter_state: bool = False  # requests fork one drafter per name (Drafter.fork) and share what it learns
+    trace: str | None = None  # a file that gets one JSON line per scheduler iteration (Scheduler._write_trace)
 
     def __post_init__(self) -> None:
         if not self.served_name:
@@ -81,7 +82,8 @@ class Engine:
         self.scheduler = Scheduler(self.runner, SchedulerConfig(max_batch=config.max_batch,
                                                                 max_waiting=config.max_waiting,
                                                                 prefill_chunk=config.prefill_chunk,
-                                                                max_draft=config.max_draft), self.metrics, cost)
+                                                                max_draft=config.max_draft), self.metrics, cost,
+                                   open(config.trace, "a") if config.trace else None)
         self.metrics.bind(self.scheduler)
         self.context_limit = min(config.max_context, self.runner.max_positions)
         self._tokenizer_lock = threading.Lock()
@@ -103,7 +105,10 @@ class Engine:
         self.scheduler.start()
 
     def stop(self) -> bool:
-        return self.scheduler.stop(drain=True, timeout=self.config.drain_timeout)
+        clean = self.scheduler.stop(drain=True, timeout=self.config.drain_timeout)
+        if self.scheduler.trace is not None:
+            self.scheduler.trace.close()
+        return clean
 
     # ------------------------------------------------------------------------------------------------ requests
 

@@ -52,6 +52,11 @@ class ServerMetrics:
                                          "this depth", ["position"], registry=r)
         self.acceptance_per_position = Gauge("leapdecode_acceptance_per_position", "Share of drafts reaching this "
                                              "depth whose token there was accepted", ["position"], registry=r)
+        self.step_load = Gauge("leapdecode_step_cost_load", "How much slower than the start-up calibration plain "
+                               "steps of several sequences run now (learned; 1 = as calibrated)", registry=r)
+        self.row_load = Gauge("leapdecode_step_cost_row_load", "How much more than the start-up calibration a "
+                              "drafted row of a step of several sequences costs now (learned; 1 = as calibrated)",
+                              registry=r)
         self._steps = 0
         self._emitted = 0
         self._drafted: list[int] = []  # [d] steps whose draft reached depth d + 1
@@ -61,6 +66,8 @@ class ServerMetrics:
         """Read the queue gauges from the scheduler at scrape time."""
         self.running.set_function(lambda: scheduler.running_count)
         self.waiting.set_function(lambda: scheduler.waiting_count)
+        self.step_load.set_function(lambda: scheduler.cost.load if scheduler.cost is not None else 1.0)
+        self.row_load.set_function(lambda: scheduler.cost.row_load if scheduler.cost is not None else 1.0)
 
     # --------------------------------------------------------------------------------- from the scheduler thread
 

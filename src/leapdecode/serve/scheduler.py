@@ -22,11 +22,13 @@ sampling.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import TextIO
 
 import torch
 
@@ -72,7 +74,7 @@ class SchedulerConfig:
 
 class Scheduler:
     def __init__(self, runner: BatchRunner | FastBatchRunner, config: SchedulerConfig, metrics=None,
-                 cost: StepCost | None = None) -> None:
+                 cost: StepCost | None = None, trace: TextIO | None = None) -> None:
         if runner.max_batch != config.max_batch:
             raise ValueError(f"runner has {runner.max_batch} slots but config.max_batch is {config.max_batch}")
         self.runner, self.config, self.metrics, self.cost = runner, config, metrics, cost
@@ -85,6 +87,8 @@ class Scheduler:
         self.error: BaseException | None = None  # set if the loop itself died
         self.last_draft_length = 0  # the longest draft offered in the last decode step (for metrics and tests)
         self._calibrations: defaultdict[str, DrafterCalibration] = defaultdict(DrafterCalibration)  # per drafter
+        self.trace = trace  # a text file that gets one JSON line per iteration (see _iteration), or None
+        self._step: dict = {}  # what the current iteration did, for the trace
 
     # ------------------------------------------------------------------------------------------ control (any thread)
 
@@ -173,11 +177,27 @@ class Scheduler:
                 seq.sink(Failed(500, f"internal error: {exc}"))
 
     def _iteration(self) -> None:
+        begin = time.perf_counter()
+        self._step = {}
         self._admit()
         self._drop_cancelled()
         decoding = [seq for seq in self._running if seq.state == "decode"]
         stretch = self._decode_step(decoding) if decoding else 1.0
-        self._prefill(round(self.config.prefill_chunk * stretch))
+        t0 = time.perf_counter()
+        prefilled = self._prefill(round(self.config.prefill_chunk * stretch))
+        if self.trace is not None:
+            self._write_trace(begin, prefilled, time.perf_counter() - t0)
+
+    def _write_trace(self, begin: float, prefilled: int, prefill_seconds: float) -> None:
+        """One JSON line per iteration: when it began (seconds on the monotonic clock), how many sequences decoded
+        and prefilled, and for the decode step the rows computed, the cost model's price of that step and of a plain
+        one against the measured forward, the tokens the drafts were expected to add against those accepted, and
+        the drafters' own seconds (choosing lengths, proposing, accepting and observing)."""
+        line = {"t": round(begin, 4), "running": len(self._running), "prefill_tokens": prefilled,
+                "prefill_s": round(prefill_seconds, 5), "iteration_s": round(time.perf_counter() - begin, 5)}
+        line.update(self._step)
+        self.trace.write(json.dumps(line) + "\n")
+        self.trace.flush()
 
     def _admit(self) -> None:
         admitted, dropped = [], []
@@ -209,8 +229,10 @@ class Scheduler:
             self._release(seq)
             self._report(seq, seq.finish("cancelled"))
 
-    def _prefill(self, budget: int) -> None:
-        """Feed up to `budget` prompt tokens of joining sequences; those done move on to decoding."""
+    def _prefill(self, budget: int) -> int:
+        """Feed up to `budget` prompt tokens of joining sequences; those done move on to decoding. Returns the tokens
+        fed."""
+        fed = 0
         for seq in [seq for seq in self._running if seq.state == "prefill"]:
             todo = seq.prompt[seq.prefilled : len(seq.prompt) - 1]  # the root (last prompt token) is not prefilled
             if todo and budget:
@@ -224,17 +246,21 @@ class Scheduler:
                 seq.stats.prefill_seconds += time.perf_counter() - start
                 seq.prefilled += len(chunk)
                 budget -= len(chunk)
+                fed += len(chunk)
             if seq.prefilled == len(seq.prompt) - 1:
                 seq.state = "decode"
             if not budget:
                 break
+        return fed
 
     def _decode_step(self, batch: list[Sequence]) -> float:
         """One step for every sequence in `batch`. Returns how many times longer the step is expected to take than a
         plain one for the same batch (at least 1): the next prefill gets that many chunks, so joining requests are
         prefilled at the same pace whether or not the running ones speculate."""
         # 1. how much each sequence may draft (adaptive lengths; reproducible requests decide alone)
-        budgets, predicted = self._draft_lengths(batch)
+        t_choose = time.perf_counter()
+        budgets, predicted, scaled = self._draft_lengths(batch)
+        t_propose = time.perf_counter()
         self.last_draft_length = max(budgets.values(), default=0)
         # 2. guess
         entries: list[tuple[Sequence, Draft]] = []
@@ -254,6 +280,9 @@ class Scheduler:
             return 1.0
         # 3. one forward pass over every sequence's root and draft
         t1 = time.perf_counter()
+        self._step.update(sequences=len(entries), drafters=sorted({seq.drafter.name for seq, _ in entries}),
+                          choose_s=round(t_propose - t_choose, 5),
+                          propose_s=round(t1 - t_propose, 5))
         try:
             logits = self.runner.verify([(seq.slot, seq.root, draft) for seq, draft in entries])
         except Exception as exc:
@@ -265,11 +294,16 @@ class Scheduler:
         rows = [row.shape[0] for row in logits]
         width = self.runner.span([seq.slot for seq, _ in entries])
         computed = width * max(rows) if self.runner.padded else sum(rows)
+        priced, plain = self.cost.estimate(computed, width), self.cost.estimate(width, width)
         self.cost.observe(computed, seconds, width)
-        stretch = max(1.0, self.cost.estimate(computed, width) / self.cost.estimate(width, width))
+        stretch = max(1.0, priced / plain)
+        self._step.update(rows=computed, forward_s=round(seconds, 5), priced_s=round(priced, 5),
+                          plain_s=round(plain, 5), expected=0.0, accepted=0)
         if self.metrics is not None:
             self.metrics.on_batch(len(entries), self.last_draft_length)
         # 4. per sequence: exact acceptance, commit, observe, emit
+        t_accept = time.perf_counter()
+        observe_seconds = emit_seconds = 0.0
         done = []
         for (seq, draft), seq_logits in zip(entries, logits):
             t2 = time.perf_counter()
@@ -277,8 +311,10 @@ class Scheduler:
                 acceptance = accept(draft, seq_logits[: draft.n + 1], seq.config.sampling, seq.generator)
                 self.runner.commit(seq.slot, acceptance.path)
                 emitted = draft.tokens[acceptance.path].tolist() + [acceptance.bonus]
+                t3 = time.perf_counter()
                 seq.drafter.observe(StepResult(seq.root, draft, seq_logits, acceptance.path, acceptance.bonus,
                                                emitted))
+                observe_seconds += time.perf_counter() - t3
             except Exception as exc:
                 self._fail(seq, 500, f"step failed: {exc}")
                 continue
@@ -289,20 +325,29 @@ class Scheduler:
             seq.estimate.observe(budgets[seq.id], depth, len(acceptance.path))
             if seq.id in predicted and draft.n:  # its estimates against the outcome
                 self._calibrations[seq.drafter.name].observe(sum(predicted[seq.id][: draft.n]), len(acceptance.path))
+            if self.trace is not None:
+                self._step["expected"] = round(self._step["expected"] + sum(scaled.get(seq.id, [])[: draft.n]), 4)
+                self._step["accepted"] += len(acceptance.path)
             before = seq.stats.new_tokens
+            t4 = time.perf_counter()
             finished = seq.emit(emitted)
+            emit_seconds += time.perf_counter() - t4
             if self.metrics is not None:
                 self.metrics.on_step(depth, draft.n, len(acceptance.path), seq.stats.new_tokens - before)
             if finished:
                 done.append(seq)
+        self._step.update(accept_s=round(time.perf_counter() - t_accept, 5), observe_s=round(observe_seconds, 5),
+                          emit_s=round(emit_seconds, 5))
         for seq in done:
             self._release(seq)
             self._report(seq, seq.finish())
         return stretch
 
-    def _draft_lengths(self, batch: list[Sequence]) -> tuple[dict[int, int], dict[int, list[float]]]:
-        """Draft budget per sequence id, and the drafter's own acceptance estimates of the nodes it may draft, for
-        the sequences whose drafter makes them. A padded runner offers every adaptive sequence one common length
+    def _draft_lengths(self, batch: list[Sequence]) -> tuple[dict[int, int], dict[int, list[float]],
+                                                             dict[int, list[float]]]:
+        """Draft budget per sequence id, the drafter's own acceptance estimates of the nodes it may draft for the
+        sequences whose drafter makes them, and the chances the choice went by (those estimates scaled by the
+        drafter's calibration, or the sequence's AcceptanceEstimate) for the adaptive sequences. A padded runner offers every adaptive sequence one common length
         (the step is as wide as its widest sequence anyway); one without padding sizes each sequence's draft by its
         nodes' chances (draft_length.choose_draft_lengths). Reproducible requests decide from their own history."""
         caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
@@ -316,7 +361,7 @@ class Scheduler:
             k = choose_draft_length([seq.estimate for seq, _ in adaptive], [cap for _, cap in adaptive], width,
                                     self.cost, self.config.max_draft, fixed, padded=True)
             budgets.update({seq.id: min(k, cap) for seq, cap in adaptive})
-            return budgets, predicted
+            return budgets, predicted, {seq.id: seq.estimate.gains(min(k, cap)) for seq, cap in adaptive}
         gains = []
         for seq, cap in adaptive:
             own = self._drafter_estimates(seq, cap)
@@ -328,7 +373,7 @@ class Scheduler:
                 gains.append([min(p * scale, 1.0) for p in own])
         lengths = choose_draft_lengths(gains, self.cost, fixed)
         budgets.update({seq.id: k for (seq, _), k in zip(adaptive, lengths)})
-        return budgets, predicted
+        return budgets, predicted, {seq.id: g for (seq, _), g in zip(adaptive, gains)}
 
     @staticmethod
     def _drafter_estimates(seq: Sequence, cap: int) -> list[float] | None:
