@@ -121,6 +121,9 @@ def loadgen(
                                                          "hf; see `leapdecode serve --help`)."),
     share_drafter_state: bool = typer.Option(False, help="With --model: requests share what the drafter learns "
                                              "(see `leapdecode serve --help`)."),
+    trace: Optional[Path] = typer.Option(None, help="With --model: the server writes its step trace here (see "
+                                                     "`leapdecode serve --help`; summarise it with "
+                                                     "scripts/trace_summary.py)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the markdown report here."),
 ) -> None:
     """Measure serving throughput and latency with speculation on vs off (same server, same run)."""
@@ -134,6 +137,9 @@ def loadgen(
             raise ValueError("--concurrency levels, --requests, --max-tokens and --rounds must be >= 1")
         if runner not in RUNNERS:
             raise ValueError(f"unknown runner {runner!r}; available: {', '.join(RUNNERS)}")
+        if trace is not None and url is not None:
+            raise ValueError("--trace is for a server that loadgen starts (--model); start yours with "
+                             "`leapdecode serve --trace FILE` instead")
         texts = load_prompts(suite, str(questions) if questions else None, prompts)
     except _ERRORS as exc:
         fail(str(exc))
@@ -142,7 +148,8 @@ def loadgen(
         args = ["--model", model, "--drafter", drafter, "--max-batch", str(max_batch or max(levels)),
                 "--max-waiting", str(max(256, max(levels))), "--runner", runner] + \
             (["--threads", str(threads)] if threads else []) + \
-            (["--share-drafter-state"] if share_drafter_state else [])
+            (["--share-drafter-state"] if share_drafter_state else []) + \
+            (["--trace", str(trace)] if trace else [])
         err.print(f"starting leapdecode serve {' '.join(args)} ...")
         server = ServerProcess(args, env={"LEAPDECODE_API_KEY": api_key} if api_key else None)
         try:

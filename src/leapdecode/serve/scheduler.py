@@ -191,8 +191,10 @@ class Scheduler:
     def _write_trace(self, begin: float, prefilled: int, prefill_seconds: float) -> None:
         """One JSON line per iteration: when it began (seconds on the monotonic clock), how many sequences decoded
         and prefilled, and for the decode step the rows computed, the cost model's price of that step and of a plain
-        one against the measured forward, the tokens the drafts were expected to add against those accepted, and
-        the drafters' own seconds (choosing lengths, proposing, accepting and observing)."""
+        one against the measured forward, the cost model's learned factors after it (StepCost.load, row_load), the
+        tokens the drafts were expected to add against those accepted, and the drafters' own seconds (choosing
+        lengths, proposing, observing) and the rest of the step's (acceptance, commit, emitting). Read it with
+        leapdecode.serve.trace (scripts/trace_summary.py)."""
         line = {"t": round(begin, 4), "running": len(self._running), "prefill_tokens": prefilled,
                 "prefill_s": round(prefill_seconds, 5), "iteration_s": round(time.perf_counter() - begin, 5)}
         line.update(self._step)
@@ -296,6 +298,8 @@ class Scheduler:
         computed = width * max(rows) if self.runner.padded else sum(rows)
         priced, plain = self.cost.estimate(computed, width), self.cost.estimate(width, width)
         self.cost.observe(computed, seconds, width)
+        if self.trace is not None:
+            self._step.update(load=round(self.cost.load, 4), row_load=round(self.cost.row_load, 4))
         stretch = max(1.0, priced / plain)
         self._step.update(rows=computed, forward_s=round(seconds, 5), priced_s=round(priced, 5),
                           plain_s=round(plain, 5), expected=0.0, accepted=0)
