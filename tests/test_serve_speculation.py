@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from leapdecode.draft_length import (AcceptanceEstimate, DrafterCalibration, StepCost, choose_draft_length,
@@ -208,3 +209,13 @@ def test_drafter_calibration_scales_towards_the_outcome():
     for _ in range(1000):
         cal.observe(predicted=0.1, accepted=3)
     assert cal.factor == cal.high
+
+
+def test_step_cost_prices_many_row_counts_at_once():
+    # choose_draft_lengths prices every prefix of its candidates in one call: the same numbers as one at a time
+    cost = StepCost({1: 1.0, 5: 1.25, 40: 3.0}, per_sequence=0.05)
+    cost.load, cost.row_load = 1.2, 1.7
+    for sequences in (1, 2, 16):
+        rows = np.arange(1, 120)
+        assert cost.estimates(rows, sequences) == pytest.approx([cost.estimate(int(n), sequences) for n in rows],
+                                                                rel=1e-12)

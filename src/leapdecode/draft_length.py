@@ -33,6 +33,8 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class AcceptanceEstimate:
@@ -174,6 +176,19 @@ class StepCost:
             return plain + extra
         return self.load * plain + self.row_load * extra
 
+    def estimates(self, rows: np.ndarray, sequences: int = 1) -> np.ndarray:
+        """estimate() of every row count in `rows` (an integer array) at once."""
+        ns = self._rows
+        values = np.array([self.points[n] for n in ns])
+        rows = np.asarray(rows, dtype=np.float64)
+        curve = np.where(rows >= ns[-1], values[-1] * rows / ns[-1], np.interp(rows, ns, values))
+        base = max(sequences - 1, 0) * self.per_sequence
+        plain = self.curve(max(sequences, 1)) + base
+        extra = np.maximum(curve + base - plain, 0.0)
+        if sequences <= 1:
+            return plain + extra
+        return self.load * plain + self.row_load * extra
+
     def calibrated(self, rows: int, sequences: int = 1) -> tuple[float, float]:
         """The calibrated price of such a step in two parts: (its plain step, one row per sequence; what its
         drafted rows add), without the learned factors."""
@@ -276,18 +291,21 @@ def choose_draft_lengths(gains: Sequence[Sequence[float]], cost: StepCost,
     sequences = len(gains) + len(fixed)
     base_rows = sequences + sum(k for _, k in fixed)
     base_gain = sequences + sum(e.expected_accepted(k) for e, k in fixed)  # every sequence emits its bonus token
-    candidates = sorted(((float(g), j, b) for b, row in enumerate(gains) for j, g in enumerate(row)),
-                        key=lambda c: (-c[0], c[1], c[2]))  # per sequence, node j comes before node j + 1
-    best, best_rate, gain = 0, base_gain / cost.estimate(base_rows, sequences), base_gain
-    for taken, (value, _, _) in enumerate(candidates, start=1):
-        if value <= 0.0:
-            break
-        gain += value
-        rate = gain / cost.estimate(base_rows + taken, sequences)
+    lengths = [0] * len(gains)
+    values = np.array([float(g) for row in gains for g in row])  # [C] every candidate node's chance
+    if not values.size:
+        return lengths
+    owner = np.repeat(np.arange(len(gains)), [len(row) for row in gains])  # [C] its sequence
+    depth = np.concatenate([np.arange(len(row)) for row in gains])  # [C] its place in its sequence's list
+    order = np.lexsort((owner, depth, -values))  # most likely first; per sequence, node j before node j + 1
+    order = order[values[order] > 0.0]
+    gain = base_gain + np.cumsum(values[order])  # [C'] expected tokens with the first 1, 2, ... candidates
+    rates = gain / cost.estimates(base_rows + np.arange(1, order.size + 1), sequences)  # [C']
+    best, best_rate = 0, base_gain / cost.estimate(base_rows, sequences)
+    for taken, rate in enumerate(rates.tolist(), start=1):
         if rate > best_rate * (1.0 + 1e-9):  # prefer fewer rows on ties
             best, best_rate = taken, rate
-    lengths = [0] * len(gains)
-    for _, _, b in candidates[:best]:
+    for b in owner[order[:best]].tolist():
         lengths[b] += 1
     return lengths
 

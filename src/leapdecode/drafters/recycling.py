@@ -198,6 +198,9 @@ class RecyclingTable:
             raise ValueError(f"logits have {logits.shape[-1]} columns but the table has vocab {self.vocab_size}")
         k = min(self.top_k, self.vocab_size)
         top = top_k_rows(logits, k).astype(np.int32)  # [r, k] distinct per row
+        if top.shape[0] == 1:  # a step that drafted nothing: the root's row alone
+            self.table[int(tokens[0]), :k] = top[0]
+            return
         rows = np.asarray(tokens, dtype=np.int64).reshape(-1)  # [r]
         if order is not None:
             order = np.asarray(order, dtype=np.int64)
@@ -437,6 +440,9 @@ class TokenRecycling:
         the accepted path are written last, so when a token sits at several nodes its row comes from the real
         context rather than from a rejected branch (update="path": rejected nodes only fill empty rows)."""
         n = step.draft.n
+        if n == 0:  # plain step: the root's row only
+            self.table.update([step.root], step.logits[:1])
+            return
         on_path = set(step.path)
         draft_tokens = step.draft.tokens.tolist()
         rejected = [i for i in range(n) if i not in on_path]
