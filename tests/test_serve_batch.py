@@ -367,3 +367,44 @@ def test_the_step_trace_accounts_for_every_token(tiny_models):
     assert sum(g.emitted for g in summary.by_drafters.values()) == sum(len(r.tokens) for r in results)
     assert sum(g.steps for g in summary.by_size.values()) == len(steps)
     assert "| hybrid+none | all |" in markdown(summary)
+
+
+class RestingDrafter(EstimatingDrafter):
+    """An EstimatingDrafter that allows the scheduler to skip it for some steps, and counts its observations."""
+
+    skips_steps = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.observed = 0
+
+    def observe(self, step) -> None:
+        self.observed += 1
+        super().observe(step)
+
+
+@pytest.mark.parametrize("plain_seconds", [1e-7, 1e3])
+def test_a_drafter_rests_while_its_work_costs_more_than_its_drafts_gain(tiny_models, plain_seconds):
+    # the same drafter (right for 1 token a step, and says so) against two cost models: a step priced at 1e-7 s,
+    # next to which the drafter's own Python work (microseconds) costs more than a drafted token gains, so it rests
+    # (consulted in bursts of 4 steps, then 32 steps off); and one at 1000 s, where its work is nothing and it is
+    # consulted every step. The output is plain decoding's either way.
+    model = tiny_models["llama"]
+    prompt, length = make_prompts()[4], 80
+    expected = plain(model, prompt, length)
+    drafter = RestingDrafter(prompt + expected, VOCAB, right=1, claimed=0.9)
+    cost = StepCost({1: plain_seconds, 1 << 20: plain_seconds * (1 + 1e-3 * ((1 << 20) - 1))}, weight=0.0)
+    scheduler = Scheduler(batch_runner("fast", model, 2), SchedulerConfig(max_batch=2, max_draft=4), cost=cost)
+    scheduler.start()
+    try:
+        results = run_all(scheduler, [(prompt, GenerationConfig(max_new_tokens=length, ignore_eos=True), drafter)])
+    finally:
+        scheduler.stop()
+    assert results[0].tokens == expected
+    steps = results[0].stats.steps
+    assert drafter.observed == len(drafter.budgets)  # propose and observe are skipped together
+    if plain_seconds > 1:
+        assert len(drafter.budgets) == steps and results[0].stats.accepted_tokens > 0
+    else:
+        # 4 steps that do not pay (5 at first: its cost is unknown before its first step), 32 off, and again
+        assert 4 <= len(drafter.budgets) <= 1 + 4 * (1 + steps // 36) < steps

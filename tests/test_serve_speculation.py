@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from leapdecode.draft_length import (AcceptanceEstimate, DrafterCalibration, StepCost, choose_draft_length,
-                                    choose_draft_lengths, own_draft_length)
+from leapdecode.draft_length import (AcceptanceEstimate, DrafterCalibration, DrafterUpkeep, StepCost,
+                                    choose_draft_length, choose_draft_lengths, own_draft_length, plan_draft_lengths)
 
 
 def estimate_with(rate: float, proposal: float = 1.0) -> AcceptanceEstimate:
@@ -219,3 +219,24 @@ def test_step_cost_prices_many_row_counts_at_once():
         rows = np.arange(1, 120)
         assert cost.estimates(rows, sequences) == pytest.approx([cost.estimate(int(n), sequences) for n in rows],
                                                                 rel=1e-12)
+
+
+def test_a_drafter_that_does_not_pay_for_itself_rests():
+    upkeep = DrafterUpkeep(patience=2, rest_steps=3)
+    upkeep.judge(False)
+    upkeep.judge(True)  # a step that pays starts the count again
+    upkeep.judge(False)
+    assert not upkeep.rest()
+    upkeep.judge(False)  # two in a row: three steps off, then judged again
+    assert [upkeep.rest() for _ in range(4)] == [True, True, True, False]
+    upkeep.observe(2.0)
+    upkeep.observe(1.0)
+    assert upkeep.seconds == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+
+
+def test_the_row_plan_prices_the_step_with_and_without_drafts():
+    cost = StepCost({1: 1.0, 4: 1.0, 1 << 20: 1.0 + 0.1 * ((1 << 20) - 4)}, per_sequence=1.0)
+    plan = plan_draft_lengths([[0.9, 0.8], [0.05]], cost)
+    assert plan.lengths == [2, 0]
+    assert plan.plain_tokens == 2 and plan.plain_seconds == cost.estimate(2, 2)
+    assert plan.tokens == pytest.approx(2 + 0.9 + 0.8) and plan.seconds == pytest.approx(cost.estimate(4, 2))

@@ -123,6 +123,41 @@ class DrafterCalibration:
         self.accepted = self.decay * self.accepted + accepted
 
 
+@dataclass
+class DrafterUpkeep:
+    """What consulting a drafter costs the server per sequence and step, and whether its drafts pay for that.
+
+    A drafter's own work (its estimates, its proposal, learning from the outcome) is paid every step, drafted or
+    not; on a CPU serving many sequences it can outweigh what the few rows worth drafting gain. The scheduler
+    judges every step: the expected tokens per second with the planned drafts and the drafters' own seconds,
+    against plain decoding without them. After `patience` steps in a row that do not pay, the drafter rests:
+    for `rest_steps` steps its sequences decode plainly without consulting it at all (for drafters that allow
+    it: Drafter.skips_steps), then it is judged again. Outputs are unchanged either way; only speed is at stake.
+    """
+
+    decay: float = 0.9  # per observation of `seconds`
+    patience: int = 4  # steps in a row that do not pay before the drafter rests
+    rest_steps: int = 32  # steps it then sits out
+    seconds: float | None = None  # decayed mean of its seconds per sequence and step (None before any)
+    unpaid: int = 0  # steps in a row that did not pay
+    resting: int = 0  # steps left to sit out
+
+    def observe(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds is None else self.decay * self.seconds + (1 - self.decay) * seconds
+
+    def judge(self, pays: bool) -> None:
+        self.unpaid = 0 if pays else self.unpaid + 1
+        if self.unpaid >= self.patience:
+            self.unpaid, self.resting = 0, self.rest_steps
+
+    def rest(self) -> bool:
+        """At the start of a step: whether the drafter sits this one out (counts the step off if so)."""
+        if self.resting <= 0:
+            return False
+        self.resting -= 1
+        return True
+
+
 class StepCost:
     """Seconds per verification pass: curve(rows) + (sequences - 1) x per_sequence, corrected under load.
 
@@ -279,6 +314,23 @@ def choose_draft_length(estimates: Sequence[AcceptanceEstimate], caps: Sequence[
 
 def choose_draft_lengths(gains: Sequence[Sequence[float]], cost: StepCost,
                          fixed: Sequence[tuple[AcceptanceEstimate, int]] = ()) -> list[int]:
+    """The lengths of plan_draft_lengths (see there)."""
+    return plan_draft_lengths(gains, cost, fixed).lengths
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What plan_draft_lengths chose, and what it expects of the step with those drafts and without any."""
+
+    lengths: list[int]  # draft nodes per adaptive sequence
+    tokens: float  # expected tokens the step emits with them
+    seconds: float  # the step's price with them
+    plain_tokens: float  # ... and without any adaptive draft
+    plain_seconds: float
+
+
+def plan_draft_lengths(gains: Sequence[Sequence[float]], cost: StepCost,
+                       fixed: Sequence[tuple[AcceptanceEstimate, int]] = ()) -> RowPlan:
     """Per-sequence draft lengths for a step without padding (each sequence costs its own 1 + k rows): the lengths
     that maximise expected emitted tokens per second of the step.
 
@@ -292,22 +344,24 @@ def choose_draft_lengths(gains: Sequence[Sequence[float]], cost: StepCost,
     base_rows = sequences + sum(k for _, k in fixed)
     base_gain = sequences + sum(e.expected_accepted(k) for e, k in fixed)  # every sequence emits its bonus token
     lengths = [0] * len(gains)
+    base_seconds = cost.estimate(base_rows, sequences)
     values = np.array([float(g) for row in gains for g in row])  # [C] every candidate node's chance
     if not values.size:
-        return lengths
+        return RowPlan(lengths, base_gain, base_seconds, base_gain, base_seconds)
     owner = np.repeat(np.arange(len(gains)), [len(row) for row in gains])  # [C] its sequence
     depth = np.concatenate([np.arange(len(row)) for row in gains])  # [C] its place in its sequence's list
     order = np.lexsort((owner, depth, -values))  # most likely first; per sequence, node j before node j + 1
     order = order[values[order] > 0.0]
     gain = base_gain + np.cumsum(values[order])  # [C'] expected tokens with the first 1, 2, ... candidates
     rates = gain / cost.estimates(base_rows + np.arange(1, order.size + 1), sequences)  # [C']
-    best, best_rate = 0, base_gain / cost.estimate(base_rows, sequences)
+    best, best_rate = 0, base_gain / base_seconds
     for taken, rate in enumerate(rates.tolist(), start=1):
         if rate > best_rate * (1.0 + 1e-9):  # prefer fewer rows on ties
             best, best_rate = taken, rate
     for b in owner[order[:best]].tolist():
         lengths[b] += 1
-    return lengths
+    tokens = float(gain[best - 1]) if best else base_gain
+    return RowPlan(lengths, tokens, tokens / best_rate, base_gain, base_seconds)
 
 
 class ChainLength:

@@ -105,6 +105,10 @@ class Drafter(Protocol):
     (the expected accepted tokens of a k-node draft are the sum of the first k). The server's scheduler uses them to
     share a batch step's rows among its sequences (draft_length.choose_draft_lengths); without them it models a
     drafter from its recent acceptance.
+
+    Optional: `skips_steps = True` where steps may go by without propose and observe (both left out together):
+    the drafter reads what it needs from the context it is given next. The server's scheduler then lets it rest
+    while its drafts do not pay for its own work (draft_length.DrafterUpkeep).
     """
 
     name: str

@@ -156,6 +156,8 @@ class _Lookup(PromptLookup):
 class Hybrid:
     """Copy chain + Token Recycling tree, sized by estimated acceptance (name "hybrid")."""
 
+    skips_steps = True  # steps may go by without propose and observe (Drafter.skips_steps)
+
     name = "hybrid"
     description = "hybrid: prompt-lookup copy chain plus the token recycling tree, nodes kept by estimated acceptance"
 

@@ -71,6 +71,8 @@ def continuation(buf: np.ndarray, end: int, length: int) -> np.ndarray:
 class PromptLookup:
     """Prompt lookup decoding (name "pld"): deterministic chains copied from earlier in the context."""
 
+    skips_steps = True  # steps may go by without propose and observe (Drafter.skips_steps)
+
     name = "pld"
     description = "prompt lookup: copy what followed the most recent earlier occurrence of the last n tokens"
 

@@ -339,6 +339,8 @@ class TokenRecycling:
     (from_options) whenever tree_budget is "auto".
     """
 
+    skips_steps = True  # steps may go by without propose and observe (Drafter.skips_steps)
+
     name = "recycling"
     description = "token recycling: adjacency table of the target's top-k next tokens, expanded along a tree template"
 

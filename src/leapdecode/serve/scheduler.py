@@ -4,13 +4,15 @@ Each iteration of the loop:
   1. admit waiting sequences into free batch slots, drop cancelled ones (a disconnected client frees its slot here);
   2. one decode step for every sequence past its prefill: choose each sequence's draft length for this batch
      (leapdecode.draft_length), let each sequence's drafter propose, verify all drafts in one forward pass,
-     apply the exact acceptance rule per sequence, commit, observe, emit;
+     apply the exact acceptance rule per sequence, commit, observe, emit; a drafter whose drafts have not paid
+     for its own work in the last steps rests for a while (its sequences decode plainly without consulting it);
   3. prefill the next chunk (at most `prefill_chunk` prompt tokens) of sequences that just joined, so a long
      prompt delays the running sequences by one chunk per iteration instead of by its whole length; after a step
      that speculated, as many chunks as the step was (by the cost model) longer than a plain one, so joining
      requests are prefilled at the same pace whether or not the running ones speculate.
 Sequences join and leave between steps. All torch work happens on this thread; the asyncio side only submits and
-cancels sequences and receives their events through each sequence's sink.
+cancels sequences and receives their events through each sequence's sink. With a trace file (`leapdecode serve
+--trace`) every iteration is written down as one JSON line (_write_trace), for leapdecode.serve.trace to read.
 
 The runner is one of two batched forwards: serve.batch_runner.BatchRunner (transformers' forward, one padded
 cache row per sequence) or models.fast.batch.FastBatchRunner (leapdecode's forward, one cache per sequence, no
@@ -27,7 +29,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 import torch
@@ -37,8 +39,8 @@ from leapdecode.drafters.base import Draft, StepResult
 from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.sequence import Failed, Sequence
-from leapdecode.draft_length import (DrafterCalibration, StepCost, choose_draft_length, choose_draft_lengths,
-                                     own_draft_length)
+from leapdecode.draft_length import (DrafterCalibration, DrafterUpkeep, StepCost, choose_draft_length,
+                                     own_draft_length, plan_draft_lengths)
 from leapdecode.tree import depths
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,17 @@ class SchedulerConfig:
             raise ValueError(f"calibration_rows must be non-empty sizes >= 1, got {self.calibration_rows}")
 
 
+@dataclass
+class StepPlan:
+    """What the scheduler decided for one decode step, by sequence id."""
+
+    budgets: dict[int, int]  # draft nodes each sequence may propose
+    predicted: dict[int, list[float]] = field(default_factory=dict)  # drafters' own estimates, where they make them
+    scaled: dict[int, list[float]] = field(default_factory=dict)  # the chances the rows were shared out by
+    resting: set[int] = field(default_factory=set)  # sequences whose drafter sits this step out (DrafterUpkeep)
+    upkeep: dict[int, float] = field(default_factory=dict)  # seconds each drafter has spent on this step so far
+
+
 class Scheduler:
     def __init__(self, runner: BatchRunner | FastBatchRunner, config: SchedulerConfig, metrics=None,
                  cost: StepCost | None = None, trace: TextIO | None = None) -> None:
@@ -87,6 +100,7 @@ class Scheduler:
         self.error: BaseException | None = None  # set if the loop itself died
         self.last_draft_length = 0  # the longest draft offered in the last decode step (for metrics and tests)
         self._calibrations: defaultdict[str, DrafterCalibration] = defaultdict(DrafterCalibration)  # per drafter
+        self._upkeep: defaultdict[str, DrafterUpkeep] = defaultdict(DrafterUpkeep)  # per drafter
         self.trace = trace  # a text file that gets one JSON line per iteration (see _iteration), or None
         self._step: dict = {}  # what the current iteration did, for the trace
 
@@ -261,13 +275,17 @@ class Scheduler:
         prefilled at the same pace whether or not the running ones speculate."""
         # 1. how much each sequence may draft (adaptive lengths; reproducible requests decide alone)
         t_choose = time.perf_counter()
-        budgets, predicted, scaled = self._draft_lengths(batch)
+        plan = self._draft_lengths(batch)
+        budgets, predicted, scaled, upkeep = plan.budgets, plan.predicted, plan.scaled, plan.upkeep
         t_propose = time.perf_counter()
         self.last_draft_length = max(budgets.values(), default=0)
-        # 2. guess
+        # 2. guess (a resting drafter is not consulted: plain decoding)
         entries: list[tuple[Sequence, Draft]] = []
         for seq in batch:
             budget = budgets[seq.id]
+            if seq.id in plan.resting:
+                entries.append((seq, Draft.empty()))
+                continue
             t0 = time.perf_counter()
             try:
                 draft = seq.drafter.propose(seq.context, budget)
@@ -276,14 +294,16 @@ class Scheduler:
             except Exception as exc:
                 self._fail(seq, 500, f"drafter {seq.drafter.name!r} failed: {exc}")
                 continue
-            seq.stats.drafter_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            seq.stats.drafter_seconds += seconds
+            upkeep[seq.id] = upkeep.get(seq.id, 0.0) + seconds
             entries.append((seq, draft))
         if not entries:
             return 1.0
         # 3. one forward pass over every sequence's root and draft
         t1 = time.perf_counter()
         self._step.update(sequences=len(entries), drafters=sorted({seq.drafter.name for seq, _ in entries}),
-                          choose_s=round(t_propose - t_choose, 5),
+                          resting=len(plan.resting), choose_s=round(t_propose - t_choose, 5),
                           propose_s=round(t1 - t_propose, 5))
         try:
             logits = self.runner.verify([(seq.slot, seq.root, draft) for seq, draft in entries])
@@ -315,10 +335,13 @@ class Scheduler:
                 acceptance = accept(draft, seq_logits[: draft.n + 1], seq.config.sampling, seq.generator)
                 self.runner.commit(seq.slot, acceptance.path)
                 emitted = draft.tokens[acceptance.path].tolist() + [acceptance.bonus]
-                t3 = time.perf_counter()
-                seq.drafter.observe(StepResult(seq.root, draft, seq_logits, acceptance.path, acceptance.bonus,
-                                               emitted))
-                observe_seconds += time.perf_counter() - t3
+                if seq.id not in plan.resting:
+                    t3 = time.perf_counter()
+                    seq.drafter.observe(StepResult(seq.root, draft, seq_logits, acceptance.path, acceptance.bonus,
+                                                   emitted))
+                    observed = time.perf_counter() - t3
+                    observe_seconds += observed
+                    self._upkeep[seq.drafter.name].observe(upkeep.get(seq.id, 0.0) + observed)
             except Exception as exc:
                 self._fail(seq, 500, f"step failed: {exc}")
                 continue
@@ -347,37 +370,52 @@ class Scheduler:
             self._report(seq, seq.finish())
         return stretch
 
-    def _draft_lengths(self, batch: list[Sequence]) -> tuple[dict[int, int], dict[int, list[float]],
-                                                             dict[int, list[float]]]:
-        """Draft budget per sequence id, the drafter's own acceptance estimates of the nodes it may draft for the
-        sequences whose drafter makes them, and the chances the choice went by (those estimates scaled by the
-        drafter's calibration, or the sequence's AcceptanceEstimate) for the adaptive sequences. A padded runner offers every adaptive sequence one common length
-        (the step is as wide as its widest sequence anyway); one without padding sizes each sequence's draft by its
-        nodes' chances (draft_length.choose_draft_lengths). Reproducible requests decide from their own history."""
+    def _draft_lengths(self, batch: list[Sequence]) -> StepPlan:
+        """Each sequence's draft budget for this step (see StepPlan). A padded runner offers every adaptive sequence
+        one common length (the step is as wide as its widest sequence anyway); one without padding sizes each
+        sequence's draft by its nodes' chances (draft_length.plan_draft_lengths), and lets drafters whose work does
+        not pay for itself rest (draft_length.DrafterUpkeep). Reproducible requests decide from their own
+        history."""
         caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
-        budgets = {seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
-                   for seq, cap in zip(batch, caps) if seq.reproducible}
-        fixed = [(seq.estimate, budgets[seq.id]) for seq in batch if seq.reproducible]
+        plan = StepPlan({seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
+                         for seq, cap in zip(batch, caps) if seq.reproducible})
+        fixed = [(seq.estimate, plan.budgets[seq.id]) for seq in batch if seq.reproducible]
         adaptive = [(seq, cap) for seq, cap in zip(batch, caps) if not seq.reproducible]
-        predicted: dict[int, list[float]] = {}
         if self.runner.padded:
             width = self.runner.span([seq.slot for seq in batch])  # sequences the pass computes (with padding ones)
             k = choose_draft_length([seq.estimate for seq, _ in adaptive], [cap for _, cap in adaptive], width,
                                     self.cost, self.config.max_draft, fixed, padded=True)
-            budgets.update({seq.id: min(k, cap) for seq, cap in adaptive})
-            return budgets, predicted, {seq.id: seq.estimate.gains(min(k, cap)) for seq, cap in adaptive}
+            plan.budgets.update({seq.id: min(k, cap) for seq, cap in adaptive})
+            plan.scaled.update({seq.id: seq.estimate.gains(min(k, cap)) for seq, cap in adaptive})
+            return plan
+        resting = {name for name in {seq.drafter.name for seq, _ in adaptive} if self._upkeep[name].rest()}
         gains = []
         for seq, cap in adaptive:
+            if seq.drafter.name in resting and getattr(seq.drafter, "skips_steps", False):
+                plan.resting.add(seq.id)
+                gains.append([])
+                continue
+            t0 = time.perf_counter()
             own = self._drafter_estimates(seq, cap)
+            plan.upkeep[seq.id] = time.perf_counter() - t0
             if own is None:
                 gains.append(seq.estimate.gains(cap))
             else:
-                predicted[seq.id] = own
+                plan.predicted[seq.id] = own
                 scale = self._calibrations[seq.drafter.name].factor
                 gains.append([min(p * scale, 1.0) for p in own])
-        lengths = choose_draft_lengths(gains, self.cost, fixed)
-        budgets.update({seq.id: k for (seq, _), k in zip(adaptive, lengths)})
-        return budgets, predicted, {seq.id: g for (seq, _), g in zip(adaptive, gains)}
+        rows = plan_draft_lengths(gains, self.cost, fixed)
+        plan.budgets.update({seq.id: k for (seq, _), k in zip(adaptive, rows.lengths)})
+        plan.scaled.update({seq.id: g for (seq, _), g in zip(adaptive, gains)})
+        # do the drafts pay for the drafters' own work? (only drafters that may rest are judged)
+        judged = [seq for seq, _ in adaptive if seq.id not in plan.resting and getattr(seq.drafter, "skips_steps",
+                                                                                        False)]
+        if judged:
+            upkeep = sum(self._upkeep[seq.drafter.name].seconds or 0.0 for seq in judged)
+            pays = rows.tokens / (rows.seconds + upkeep) > rows.plain_tokens / rows.plain_seconds
+            for name in {seq.drafter.name for seq in judged}:
+                self._upkeep[name].judge(pays)
+        return plan
 
     @staticmethod
     def _drafter_estimates(seq: Sequence, cap: int) -> list[float] | None:
