@@ -114,12 +114,17 @@ def test_own_draft_length_ignores_the_batch():
     assert own_draft_length(estimate_with(0.01), cap=32, max_draft=32) == 0
 
 
-def test_step_cost_stays_non_decreasing():
-    cost = StepCost({1: 1.0, 4: 2.0, 16: 4.0}, weight=1.0)  # weight 1: an observation replaces the estimate
-    cost.observe(4, 10.0)  # a slow step at 4 rows: a wider step cannot be cheaper than that
-    assert cost.points == {1: 1.0, 4: 10.0, 16: 10.0}
-    cost.observe(16, 0.5)  # a fast step at 16 rows: narrower steps cannot cost more than that
-    assert cost.points == {1: 0.5, 4: 0.5, 16: 0.5}
+def test_step_cost_learns_what_one_sequence_pays_beyond_the_curve():
+    cost = StepCost({1: 1.0, 4: 2.0, 16: 0.5}, weight=0.5)  # a noisy calibration: 16 rows cannot cost less than 4
+    assert cost.points == {1: 1.0, 4: 2.0, 16: 2.0}
+    cost.observe(4, 3.0)  # one sequence, 1 s slower than the curve: half of that is learned
+    assert cost.offset == pytest.approx(0.5) and cost.points == {1: 1.0, 4: 2.0, 16: 2.0}
+    assert cost.estimate(1) == pytest.approx(1.5) and cost.estimate(16) == pytest.approx(2.5)  # every size alike
+    cost.observe(1, 2.0)
+    assert cost.offset == pytest.approx(0.75)
+    assert cost.estimate(4, sequences=2) == cost.curve(4)  # several sequences: the offset does not apply
+    cost.observe(4, 0.1)  # far faster than calibrated: the price stays positive
+    assert cost.estimate(1) >= 0.25
     frozen = StepCost({1: 1.0, 8: 3.0}, weight=0.0)
     frozen.observe(8, 100.0)
     assert frozen.estimate(8) == 3.0
@@ -131,8 +136,8 @@ def test_step_cost_prices_further_sequences():
     assert cost.estimate(4) == cost.curve(4) == pytest.approx(1.375)
     cost.observe(9, 6.0, sequences=5)  # several sequences: the curve and per_sequence stay as calibrated
     assert cost.per_sequence == 0.25 and cost.points[9] == 2.0
-    cost.observe(9, 3.0)  # one sequence: the curve moves, 0.5 * 2 + 0.5 * 3
-    assert cost.points[9] == pytest.approx(2.5) and cost.per_sequence == 0.25
+    cost.observe(9, 3.0)  # one sequence: half of its 1 s beyond the curve goes into the offset
+    assert cost.offset == pytest.approx(0.5) and cost.points[9] == 2.0 and cost.per_sequence == 0.25
     with pytest.raises(ValueError, match="per_sequence"):
         StepCost({1: 1.0}, per_sequence=-1.0)
 
@@ -214,7 +219,7 @@ def test_drafter_calibration_scales_towards_the_outcome():
 def test_step_cost_prices_many_row_counts_at_once():
     # choose_draft_lengths prices every prefix of its candidates in one call: the same numbers as one at a time
     cost = StepCost({1: 1.0, 5: 1.25, 40: 3.0}, per_sequence=0.05)
-    cost.load, cost.row_load = 1.2, 1.7
+    cost.load, cost.row_load, cost.offset = 1.2, 1.7, 0.01
     for sequences in (1, 2, 16):
         rows = np.arange(1, 120)
         assert cost.estimates(rows, sequences) == pytest.approx([cost.estimate(int(n), sequences) for n in rows],

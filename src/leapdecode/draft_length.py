@@ -15,8 +15,8 @@ well each sequence's drafter has been doing.
   probed again later: a bad estimate cannot lock speculation off for good.
 - `StepCost` prices a step: a curve of seconds by the rows of one sequence's step, plus a cost per further sequence
   in the step (a batched forward attends per sequence, against its own cache; `scripts/batch_cost.py` measures both,
-  BENCHMARKS.md section 0d). Both are calibrated at start-up; steps of one sequence keep refining the curve, and
-  steps of several learn how much slower than that calibration plain steps and drafted rows run under load.
+  BENCHMARKS.md section 0d). Both are calibrated at start-up; the steps the server runs then teach it how much
+  slower than that calibration its steps run under load (an offset for one sequence, factors for several).
 - `choose_draft_length` picks the common draft length k that maximises expected emitted tokens per second for the
   whole batch: (B + sum_b E_b(k)) / cost(rows, B). k = 0 is plain decoding, whose value is B / cost(B, B), so k > 0
   is chosen only when the model of the step predicts more tokens per second than not speculating. A padded step
@@ -163,9 +163,14 @@ class StepCost:
 
     The curve maps the rows of one sequence's step to seconds, piecewise linear between known points; beyond the
     largest point it grows in proportion to the rows (a compute-bound pass). `per_sequence` is what each further
-    sequence in a step adds whatever its rows (its own attention and cache writes), as calibrated. `observe` moves
-    the curve at a one-sequence step's rows towards what that step took (by `weight`; 0 freezes it; kept
-    non-decreasing).
+    sequence in a step adds whatever its rows (its own attention and cache writes), as calibrated.
+
+    A one-sequence step is priced as curve(rows) + offset, the offset learned from what such steps take (moved by
+    `weight` of each step's error; 0 freezes it). Serving one request, the whole step runs slower than the quiet
+    calibration by about the same time whatever its rows (BENCHMARKS.md 0g): the HTTP side and the client take
+    their share of the cores. An offset keeps the calibrated price of a row; moving the curve only at the row
+    counts the server uses (as before session 10) left the plain step at its quiet price while the drafted sizes
+    rose, so a drafted row looked several times dearer than it is, and a lone request drafted too little.
 
     Steps of several sequences are priced as load x plain + row_load x extra: plain is the calibrated price of the
     step without drafts (one row per sequence), extra what the calibrated model adds for the drafted rows, and the
@@ -193,6 +198,7 @@ class StepCost:
         self.points = dict(points)
         self.weight = weight
         self.per_sequence = per_sequence
+        self.offset = 0.0  # seconds every one-sequence step takes beyond the curve (learned)
         self.load = self.row_load = 1.0  # learned factors of multi-sequence steps (see the class docstring)
         # decayed sums of weight, x, z, x^2, x z over observed steps, x = extra / plain, z = measured / plain
         self._fit = [0.0] * 5
@@ -208,7 +214,7 @@ class StepCost:
         """Seconds of a step of `rows` rows in all, spread over `sequences` sequences."""
         plain, extra = self.calibrated(rows, sequences)
         if sequences <= 1:
-            return plain + extra
+            return max(plain + extra + self.offset, 0.25 * (plain + extra))
         return self.load * plain + self.row_load * extra
 
     def estimates(self, rows: np.ndarray, sequences: int = 1) -> np.ndarray:
@@ -221,7 +227,7 @@ class StepCost:
         plain = self.curve(max(sequences, 1)) + base
         extra = np.maximum(curve + base - plain, 0.0)
         if sequences <= 1:
-            return plain + extra
+            return np.maximum(plain + extra + self.offset, 0.25 * (plain + extra))
         return self.load * plain + self.row_load * extra
 
     def calibrated(self, rows: int, sequences: int = 1) -> tuple[float, float]:
@@ -246,13 +252,12 @@ class StepCost:
         return self.points[lo] + frac * (self.points[hi] - self.points[lo])
 
     def observe(self, rows: int, seconds: float, sequences: int = 1) -> None:
-        """A step of `rows` rows over `sequences` sequences took `seconds`: one sequence moves the curve (by
+        """A step of `rows` rows over `sequences` sequences took `seconds`: one sequence moves the offset (by
         `weight`), several move the factors load and row_load."""
         if rows < 1 or seconds <= 0 or self.weight <= 0:
             return
         if sequences == 1:
-            self.points[rows] = (1.0 - self.weight) * self.curve(rows) + self.weight * seconds
-            self._monotone(rows)
+            self.offset += self.weight * (seconds - self.curve(rows) - self.offset)
             return
         plain, extra = self.calibrated(rows, sequences)
         x, z = extra / plain, seconds / plain
@@ -271,16 +276,9 @@ class StepCost:
         lo, hi = self.factor_range
         return min(max(load, lo), hi), min(max(row_load, lo), hi)
 
-    def _monotone(self, anchor: int | None = None) -> None:
-        """Keep cost non-decreasing in rows (noise must not make a wider step look cheaper than a narrower one):
-        points around `anchor` yield to it, then a running maximum irons out what is left."""
-        if anchor is not None:
-            value = self.points[anchor]
-            for n in self.points:
-                if n < anchor and self.points[n] > value:
-                    self.points[n] = value
-                elif n > anchor and self.points[n] < value:
-                    self.points[n] = value
+    def _monotone(self) -> None:
+        """Keep the curve non-decreasing in rows (noise in the calibration must not make a wider step look cheaper
+        than a narrower one): a running maximum."""
         highest = 0.0
         self._rows = sorted(self.points)  # the curve's known row counts, ascending
         for n in self._rows:
