@@ -366,7 +366,7 @@ def test_the_step_trace_accounts_for_every_token(tiny_models):
     assert set(summary.by_drafters) <= {"hybrid", "none", "hybrid+none"} and "hybrid+none" in summary.by_drafters
     assert sum(g.emitted for g in summary.by_drafters.values()) == sum(len(r.tokens) for r in results)
     assert sum(g.steps for g in summary.by_size.values()) == len(steps)
-    assert "| hybrid+none | all |" in markdown(summary)
+    assert "| hybrid+none | all |" in markdown(summary) and "| resting |" in markdown(summary)
 
 
 class RestingDrafter(EstimatingDrafter):

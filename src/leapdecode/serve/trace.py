@@ -11,6 +11,7 @@ step, and adds up, per group, what the steps cost and what they emitted:
   other: the rest of the step (acceptance, commit, emitting tokens to the clients, statistics);
 - expected: the draft tokens the scheduler expected to be accepted (the chances it chose the rows by); accepted:
   the draft tokens that were; emitted: accepted + one token per sequence;
+- resting: sequences whose drafter sat the step out (draft_length.DrafterUpkeep);
 - tokens/s: emitted tokens per second of decode step (forward + drafter + other), prefill not included.
 """
 
@@ -21,10 +22,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-FIELDS = ("steps", "rows", "forward_s", "priced_s", "plain_s", "drafter_s", "other_s", "expected", "accepted",
-          "emitted")
-
 
 @dataclass
 class Group:
@@ -40,6 +37,7 @@ class Group:
     expected: float = 0.0
     accepted: float = 0.0
     emitted: float = 0.0
+    resting: float = 0.0
 
     def add(self, line: dict) -> None:
         self.steps += 1
@@ -52,6 +50,7 @@ class Group:
         self.expected += line["expected"]
         self.accepted += line["accepted"]
         self.emitted += line["accepted"] + line["sequences"]
+        self.resting += line.get("resting", 0)
 
     @property
     def step_seconds(self) -> float:
@@ -102,13 +101,13 @@ def markdown(summary: Summary, min_steps: int = 1) -> str:
     """Two tables: per drafter set, and per drafter set and batch size (groups of at least `min_steps` steps); every
     time is a mean per step in milliseconds."""
     head = ("| drafters | sequences | steps | rows | forward ms | priced ms | plain ms | drafter ms | other ms | "
-            "expected | accepted | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "expected | accepted | resting | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def row(name: str, size: str, g: Group) -> str:
         n = g.steps
         return (f"| {name} | {size} | {n} | {g.rows / n:.1f} | {1e3 * g.forward_s / n:.1f} | "
                 f"{1e3 * g.priced_s / n:.1f} | {1e3 * g.plain_s / n:.1f} | {1e3 * g.drafter_s / n:.2f} | "
-                f"{1e3 * g.other_s / n:.2f} | {g.expected / n:.2f} | {g.accepted / n:.2f} | "
+                f"{1e3 * g.other_s / n:.2f} | {g.expected / n:.2f} | {g.accepted / n:.2f} | {g.resting / n:.2f} | "
                 f"{g.tokens_per_second:.1f} |\n")
 
     out = [f"{summary.iterations} iterations, {summary.iteration_s:.1f} s; prefill {summary.prefill_tokens} tokens "
