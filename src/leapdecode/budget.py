@@ -33,9 +33,7 @@ import torch
 
 from leapdecode.drafters.base import Draft
 
-# draft nodes; 0 is a plain decoding step. 3 nodes (4 rows) fill the CPU few-row product's first tile of 4 rows and
-# a fourth node starts a second one, which costs much more on some hosts (BENCHMARKS.md 0g): both ends are measured
-DEFAULT_SIZES = (0, 1, 2, 3, 4, 8, 16, 24, 32, 48, 64, 96)
+DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96)  # draft nodes; 0 is a plain decoding step
 CURVE_FORMAT = 1  # bump when the JSON layout or the measuring method changes: old files are then re-measured
 
 

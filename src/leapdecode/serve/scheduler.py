@@ -60,8 +60,7 @@ class SchedulerConfig:
     max_waiting: int = 64  # sequences queued for a slot; beyond this, submissions are refused
     prefill_chunk: int = 128  # prompt tokens prefilled per iteration
     max_draft: int = 32  # longest draft (nodes) any sequence may verify in one step
-    # step sizes timed at start-up: 4 and 5 are the two sides of the CPU few-row product's first tile (BENCHMARKS.md 0g)
-    calibration_rows: tuple[int, ...] = (1, 2, 4, 5, 8, 16, 32, 64, 128)
+    calibration_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)  # step sizes timed at start-up
     calibration_context: int = 128  # tokens in the scratch sequences those steps run on (attention reads them)
 
     def __post_init__(self) -> None:
