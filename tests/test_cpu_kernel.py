@@ -57,6 +57,8 @@ def test_rows_do_not_depend_on_their_neighbours(kernel):
     assert torch.equal(together, alone)
     some = [3, 0, 31, 7, 7]
     assert torch.equal(kernel.linear(x[some], w), together[some])
+    for rows in range(1, 21):  # every way of spreading rows over tiles (5 = 3 + 2, 9 = 3 + 3 + 3, ...)
+        assert torch.equal(kernel.linear(x[:rows], w), together[:rows]), rows
 
 
 def test_threads_do_not_change_the_bits(kernel):

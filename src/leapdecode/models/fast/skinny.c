@@ -4,7 +4,7 @@
  * The weight is streamed once, in blocks of 3 rows: a block is read from memory by the first tile of x rows and
  * from the cache by the others, and every tile prefetches its share of the block PREFETCH blocks on, so memory and
  * arithmetic overlap. A tile is up to 4 rows of x against the block's 3 weight rows, 12 accumulators in registers:
- * each weight load serves 4 rows.
+ * each weight load serves 4 rows; the rows are spread evenly over the tiles.
  * Every y[r, j] is summed in one fixed order (8 lanes over k, a fixed horizontal sum, then the tail
  * k >= K & ~7), whatever R, the tile, the block or the thread: a row's result does not depend on the rows beside it. */
 #include <immintrin.h>
@@ -55,17 +55,25 @@ static inline __attribute__((always_inline)) void block(const float* x, const fl
   const int64_t tiles = (R + 3) / 4, iters = K / 8 > 0 ? K / 8 : 1;
   const int64_t share = (CB * K + tiles - 1) / tiles;  /* floats each tile prefetches */
   const int64_t stride = (share + iters - 1) / iters;  /* floats per iteration */
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4, next += share) tile(x + r * K, w, y + r * N, K, N, 4, CB, next, stride);
-  switch (R - r) {
-    case 3: tile(x + r * K, w, y + r * N, K, N, 3, CB, next, stride); break;
-    case 2: tile(x + r * K, w, y + r * N, K, N, 2, CB, next, stride); break;
-    case 1: tile(x + r * K, w, y + r * N, K, N, 1, CB, next, stride); break;
+  /* the rows are spread evenly over the tiles (5 = 3 + 2, 9 = 3 + 3 + 3, 17 = 4 + 4 + 3 + 3 + 3): a tile of one
+   * row has only CB independent sums, too few to hide the multiply-add latency, and made a fifth row cost as much
+   * as three more (BENCHMARKS.md 0g) */
+  const int64_t big = R % tiles, height = R / tiles;  /* the first `big` tiles hold height + 1 rows */
+  for (int64_t t = 0, r = 0; t < tiles; ++t, next += share) {
+    const int64_t h = height + (t < big);
+    switch (h) {
+      case 4: tile(x + r * K, w, y + r * N, K, N, 4, CB, next, stride); break;
+      case 3: tile(x + r * K, w, y + r * N, K, N, 3, CB, next, stride); break;
+      case 2: tile(x + r * K, w, y + r * N, K, N, 2, CB, next, stride); break;
+      case 1: tile(x + r * K, w, y + r * N, K, N, 1, CB, next, stride); break;
+    }
+    r += h;
   }
 }
 
 void leap_skinny(const float* x, const float* w, float* y, int64_t R, int64_t K, int64_t N, int threads) {
   const int64_t blocks = N / COLS, rest = N % COLS;
+  if (R < 1) return;
   (void)threads; /* unused in a build without OpenMP */
   #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
