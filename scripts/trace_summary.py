@@ -18,7 +18,10 @@ def main() -> None:
     ap.add_argument("trace", help="the file given to `leapdecode serve --trace`")
     ap.add_argument("--min-steps", type=int, default=1, help="leave out batch sizes with fewer steps than this")
     args = ap.parse_args()
-    lines = read_trace(args.trace)
+    try:
+        lines = read_trace(args.trace)
+    except OSError as exc:
+        raise SystemExit(f"cannot read the trace {args.trace!r}: {exc.strerror or exc}") from None
     if not lines:
         raise SystemExit(f"{args.trace}: no trace lines (was the server started with --trace and given requests?)")
     print(markdown(summarize(lines), args.min_steps), end="")

@@ -34,3 +34,8 @@ def test_shared_requests_fork_one_drafter_unless_seeded(model):
     # off (the default): every request builds its own
     alone = Engine(model, ServeConfig(served_name="tiny", drafter="hybrid"))
     assert alone.make_drafter(None).recycling.table is not alone.make_drafter(None).recycling.table
+
+
+def test_an_unwritable_trace_path_is_refused_by_name(model, tmp_path):
+    with pytest.raises(ValueError, match="cannot write the trace file .*writable path"):
+        Engine(model, ServeConfig(served_name="tiny", drafter="none", trace=str(tmp_path)))  # a directory

@@ -213,9 +213,7 @@ class StepCost:
     def estimate(self, rows: int, sequences: int = 1) -> float:
         """Seconds of a step of `rows` rows in all, spread over `sequences` sequences."""
         plain, extra = self.calibrated(rows, sequences)
-        if sequences <= 1:
-            return max(plain + extra + self.offset, 0.25 * (plain + extra))
-        return self.load * plain + self.row_load * extra
+        return float(self._price(plain, extra, sequences))
 
     def estimates(self, rows: np.ndarray, sequences: int = 1) -> np.ndarray:
         """estimate() of every row count in `rows` (an integer array) at once."""
@@ -223,19 +221,27 @@ class StepCost:
         values = np.array([self.points[n] for n in ns])
         rows = np.asarray(rows, dtype=np.float64)
         curve = np.where(rows >= ns[-1], values[-1] * rows / ns[-1], np.interp(rows, ns, values))
-        base = max(sequences - 1, 0) * self.per_sequence
-        plain = self.curve(max(sequences, 1)) + base
-        extra = np.maximum(curve + base - plain, 0.0)
-        if sequences <= 1:
-            return np.maximum(plain + extra + self.offset, 0.25 * (plain + extra))
-        return self.load * plain + self.row_load * extra
+        plain, base = self._plain(sequences)
+        return self._price(plain, np.maximum(curve + base - plain, 0.0), sequences)
 
     def calibrated(self, rows: int, sequences: int = 1) -> tuple[float, float]:
         """The calibrated price of such a step in two parts: (its plain step, one row per sequence; what its
         drafted rows add), without the learned factors."""
-        base = max(sequences - 1, 0) * self.per_sequence
-        plain = self.curve(max(sequences, 1)) + base
+        plain, base = self._plain(sequences)
         return plain, max(self.curve(rows) + base - plain, 0.0)
+
+    def _plain(self, sequences: int) -> tuple[float, float]:
+        """(calibrated seconds of a plain step of `sequences` sequences, the part of it the further sequences add)"""
+        base = max(sequences - 1, 0) * self.per_sequence
+        return self.curve(max(sequences, 1)) + base, base
+
+    def _price(self, plain: float, extra, sequences: int):
+        """The calibrated parts corrected by what was learned: the offset for one sequence, the factors for several
+        (`extra` a float or an array)."""
+        if sequences > 1:
+            return self.load * plain + self.row_load * extra
+        total = plain + extra
+        return np.maximum(total + self.offset, 0.25 * total)
 
     def curve(self, rows: int) -> float:
         """Seconds of one sequence's step of `rows` rows."""

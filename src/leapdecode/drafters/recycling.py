@@ -442,9 +442,6 @@ class TokenRecycling:
         the accepted path are written last, so when a token sits at several nodes its row comes from the real
         context rather than from a rejected branch (update="path": rejected nodes only fill empty rows)."""
         n = step.draft.n
-        if n == 0:  # plain step: the root's row only
-            self.table.update([step.root], step.logits[:1])
-            return
         on_path = set(step.path)
         draft_tokens = step.draft.tokens.tolist()
         rejected = [i for i in range(n) if i not in on_path]

@@ -318,11 +318,10 @@ class Scheduler:
         computed = width * max(rows) if self.runner.padded else sum(rows)
         priced, plain = self.cost.estimate(computed, width), self.cost.estimate(width, width)
         self.cost.observe(computed, seconds, width)
-        if self.trace is not None:
-            self._step.update(load=round(self.cost.load, 4), row_load=round(self.cost.row_load, 4))
         stretch = max(1.0, priced / plain)
         self._step.update(rows=computed, forward_s=round(seconds, 5), priced_s=round(priced, 5),
-                          plain_s=round(plain, 5), expected=0.0, accepted=0)
+                          plain_s=round(plain, 5), load=round(self.cost.load, 4),
+                          row_load=round(self.cost.row_load, 4), expected=0.0, accepted=0)
         if self.metrics is not None:
             self.metrics.on_batch(len(entries), self.last_draft_length)
         # 4. per sequence: exact acceptance, commit, observe, emit
