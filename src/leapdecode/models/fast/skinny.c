@@ -27,7 +27,10 @@ static inline float tail(const float* x, const float* w, int64_t k0, int64_t K, 
 }
 
 /* RB rows of x against CB weight rows (both with stride K) into y (stride N). Iteration i also prefetches
- * pf + i * stride (and 16 floats on where the stride is longer than a cache line). */
+ * pf + i * stride (and 16 floats on where the stride is longer than a cache line) into L2, not L1: the rows of x
+ * (9 rows are 20 KB) and the block being multiplied must stay in L1, and blocks prefetched into L1 evicted them, so
+ * every row beyond the first cost as much arithmetic again as memory (5 rows 1.28x a one-row step with L1
+ * prefetches, 1.07x with L2 ones; BENCHMARKS.md 0h). */
 static inline __attribute__((always_inline)) void tile(const float* x, const float* w, float* y, int64_t K,
                                                        int64_t N, int RB, int CB, const float* pf, int64_t stride) {
   const int64_t K8 = K & ~(int64_t)7;
@@ -35,8 +38,8 @@ static inline __attribute__((always_inline)) void tile(const float* x, const flo
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < CB; ++j) a[r][j] = _mm256_setzero_ps();
   for (int64_t k = 0, i = 0; k < K8; k += 8, ++i) {
-    _mm_prefetch((const char*)(pf + i * stride), _MM_HINT_T0);
-    if (stride > 16) _mm_prefetch((const char*)(pf + i * stride + 16), _MM_HINT_T0);
+    _mm_prefetch((const char*)(pf + i * stride), _MM_HINT_T1);
+    if (stride > 16) _mm_prefetch((const char*)(pf + i * stride + 16), _MM_HINT_T1);
     __m256 xv[4];
     for (int r = 0; r < RB; ++r) xv[r] = _mm256_loadu_ps(x + r * K + k);
     for (int j = 0; j < CB; ++j) {

@@ -3,8 +3,8 @@
 A decode step on a CPU streams every weight from memory once per step. torch's general products do more than that
 for a handful of rows (MKL and oneDNN copy or re-block the weight, or read it once per row), so a verify step of
 five rows cost about 1.3x a one-row step. skinny.c reads each block of 3 weight rows from memory once, prefetching
-the block two ahead, and applies it to every row of x while it is in the cache, 4 rows of x at a time with AVX2
-fused multiply-adds (12 sums in registers, so one weight load serves 4 rows), on as many OpenMP threads as torch
+the block two ahead into L2, and applies it to every row of x while it is in the cache, 4 rows of x at a time with
+AVX2 fused multiply-adds (12 sums in registers, so one weight load serves 4 rows), on as many OpenMP threads as torch
 uses (the same OpenMP runtime where torch ships libgomp, as its Linux wheels do). The product is faster than
 torch's layouts up to about 33 rows and level with oneDNN's packed product from there to 65
 (`python scripts/cpu_matmul.py`; BENCHMARKS.md sections 0c and 0f), and it needs no copy of the weights.
