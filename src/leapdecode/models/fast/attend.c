@@ -89,7 +89,7 @@ static void attend_head(const float* qkv, int64_t row_floats, int64_t rows, int6
         if (s + t + PREFETCH < end) { /* this head's key, or the whole slot (every head's key and value) */
           const float* next = whole ? cache + (s + t + PREFETCH) * slot_stride : k[t] + PREFETCH * slot_stride;
           const char* ahead = (const char*)next;
-          for (int64_t i = 0; i < (whole ? slot_stride : d); i += 16) _mm_prefetch(ahead + 4 * i, _MM_HINT_T0);
+          for (int64_t i = 0; i < (whole ? slot_stride : d); i += 16) _mm_prefetch(ahead + 4 * i, _MM_HINT_T1);
         }
       } else {
         k[t] = pad + t * d;
