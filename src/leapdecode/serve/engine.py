@@ -79,18 +79,10 @@ class Engine:
         self.metrics = ServerMetrics()
         self.runner = batch_runner(model, config.runner, config.max_batch)
         self.runner_kind = "fast" if isinstance(self.runner, FastBatchRunner) else "hf"
-        trace = None
-        if config.trace:
-            try:
-                trace = open(config.trace, "a")
-            except OSError as exc:
-                raise ValueError(f"cannot write the trace file {config.trace!r}: {exc.strerror or exc}; give a "
-                                 f"writable path") from None
         self.scheduler = Scheduler(self.runner, SchedulerConfig(max_batch=config.max_batch,
                                                                 max_waiting=config.max_waiting,
                                                                 prefill_chunk=config.prefill_chunk,
-                                                                max_draft=config.max_draft), self.metrics, cost,
-                                   trace)
+                                                                max_draft=config.max_draft), self.metrics, cost)
         self.metrics.bind(self.scheduler)
         self.context_limit = min(config.max_context, self.runner.max_positions)
         self._tokenizer_lock = threading.Lock()
@@ -103,6 +95,12 @@ class Engine:
             self.make_drafter(config.drafter)  # fail at start, not per request
         except APIError as exc:
             raise ValueError(exc.message) from None
+        if config.trace:  # opened last: a start-up that fails above leaves no file handle behind
+            try:
+                self.scheduler.trace = open(config.trace, "a")
+            except OSError as exc:
+                raise ValueError(f"cannot write the trace file {config.trace!r}: {exc.strerror or exc}; give a "
+                                 f"writable path") from None
 
     @property
     def model_names(self) -> tuple[str, ...]:
