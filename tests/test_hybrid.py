@@ -195,22 +195,6 @@ def test_auto_size_buys_a_long_reliable_chain():
     assert_distinct_siblings(with_chain.tokens.tolist(), with_chain.parents.tolist())
 
 
-def test_follow_budget_drafts_the_budgets_most_likely_nodes_whatever_its_curve_says():
-    # a curve where every node costs a whole step: on its own the drafter drafts nothing; told to follow the
-    # budget (the server's scheduler priced it), it drafts exactly the nodes its estimates ranked first
-    steep = LatencyCurve((0, 64), (0.010, 0.650))
-    context = [5, 6, 7, 8, 5, 6]
-    drafter = hybrid_with_rows(ROWS, latency_curve=steep)
-    assert drafter.propose(context, budget=4).n == 0
-    drafter.follow_budget = True
-    ranked = drafter.acceptance_estimates(context, budget=4)
-    draft = drafter.propose(context, budget=4)
-    assert draft.n == len(ranked) == 4
-    assert draft.tokens.tolist() == hybrid_with_rows(ROWS).propose(context, 4).tokens.tolist()  # the same 4 nodes
-    assert drafter.propose(context, budget=0).n == 0
-    assert drafter.fork().follow_budget  # a request's fork sizes its drafts the same way
-
-
 def test_acceptance_estimates_rank_the_nodes_it_would_draft():
     # the same ranking as test_chain_and_tree_share_nodes: chain depth 1 (.45), template (0,) (.42), chain depth 2
     # (.2), template (0, 0) (.18), ... most likely first, at most the budget (and a fixed tree_budget)

@@ -15,9 +15,7 @@ import pytest
 import torch
 
 from leapdecode import GenerationConfig, SamplingConfig, speculate
-from leapdecode.budget import LatencyCurve
 from leapdecode.drafters.base import Draft
-from leapdecode.drafters.hybrid import Hybrid
 from leapdecode.drafters.registry import make_drafter, names
 from leapdecode.models.fast import FastRunner
 from leapdecode.models.fast.batch import FastBatchRunner
@@ -283,32 +281,6 @@ def test_forks_of_one_drafter_learn_together_and_stay_exact(tiny, runner, name):
     assert recycling.table.filled_rows() > 0
     assert recycling.template.trials.sum() > 0
     assert sum(r.stats.draft_tokens for r in results) > 0
-
-
-def test_the_scheduler_sizes_hybrids_drafts_not_hybrids_own_curve(tiny_models):
-    # hybrid given a latency curve where a node costs more than a whole step drafts nothing on its own; in the
-    # server the scheduler prices the rows (here for free) from hybrid's estimates, and hybrid drafts what it is
-    # given (follow_budget), except for a seeded sampled request, whose draft must not depend on the batch
-    tiny = tiny_models["llama"]
-    prompts, expected = make_prompts(), expected_outputs(tiny)
-    steep = LatencyCurve((0, 64), (0.010, 0.650))
-    drafters = [Hybrid(table_path="", vocab_size=tiny.vocab_size, latency_curve=steep) for _ in prompts]
-    seeded = GenerationConfig(max_new_tokens=LENGTHS[0], ignore_eos=True,
-                              sampling=SamplingConfig(temperature=1.0, seed=5))
-    assert needs_reproducible_drafts(seeded)
-    scheduler = Scheduler(batch_runner("fast", tiny, 3), SchedulerConfig(max_batch=3, prefill_chunk=7, max_draft=8),
-                          cost=StepCost(FLAT, weight=0.0))
-    scheduler.start()
-    try:
-        results = run_all(scheduler, [(p, GenerationConfig(max_new_tokens=n, ignore_eos=True), d)
-                                      for p, n, d in zip(prompts, LENGTHS, drafters)])
-        sampled = run_all(scheduler, [(prompts[0], seeded, Hybrid(table_path="", vocab_size=tiny.vocab_size,
-                                                                  latency_curve=steep))])[0]
-    finally:
-        assert scheduler.stop()
-    assert [r.tokens for r in results] == expected
-    assert all(d.follow_budget for d in drafters) and all(r.stats.draft_tokens > 0 for r in results)
-    assert sampled.stats.draft_tokens == 0  # sized by its own curve: nothing
 
 
 def test_rows_follow_the_drafters_estimates_and_their_record(tiny_models):

@@ -104,10 +104,7 @@ class Drafter(Protocol):
     node of the draft it would propose for this context is accepted, most likely first, at most `budget` of them
     (the expected accepted tokens of a k-node draft are the sum of the first k). The server's scheduler uses them to
     share a batch step's rows among its sequences (draft_length.choose_draft_lengths); without them it models a
-    drafter from its recent acceptance. A drafter with these estimates that also sizes its own drafts (from a
-    latency curve) has `follow_budget`: set True, it drafts the `budget` most likely nodes it has. The scheduler
-    sets it, since the budgets it gives were priced for the whole batch from those very estimates; the drafter's
-    own curve prices a lone sequence on an idle machine.
+    drafter from its recent acceptance.
 
     Optional: `skips_steps = True` where steps may go by without propose and observe (both left out together):
     the drafter reads what it needs from the context it is given next. The server's scheduler then lets it rest

@@ -192,7 +192,6 @@ class Hybrid:
         self._origin: dict[int, int] = {}  # merged node -> template index, for the recycling nodes drafted
         self._last_draft: Draft | None = None
         self._planned: tuple | None = None  # (context, limit, n, chain, ranked, merged): the last _plan, until observe
-        self.follow_budget = False  # True: draft the budget's most likely nodes, not the curve's size (Drafter)
         self.steps = self.nodes = self.chain_nodes = 0  # facts for the stats
 
     @classmethod
@@ -293,10 +292,9 @@ class Hybrid:
 
     def _choose(self, merged: list[tuple[float, int]], budget: int) -> tuple[int, int]:
         """(draft size, how many of its nodes are chain nodes): the most likely nodes of both lists (`merged`, see
-        _plan), as many as the cap allows, or (auto with a curve, unless follow_budget) as many as maximise expected
-        tokens per second."""
+        _plan), as many as the cap allows, or (auto with a curve) as many as maximise expected tokens per second."""
         cap = self._cap(budget, len(merged))
-        if self._latency is not None and not self.follow_budget:
+        if self._latency is not None:
             expected = 1.0 - np.cumsum([0.0] + [p for p, _ in merged[:cap]])  # [cap + 1] 1 + sum of p (p negated)
             size = int(np.argmax(expected / self._latency[: cap + 1]))
         else:  # no curve: all the cap allows (the whole template plus the chain, or a fixed tree_budget)

@@ -233,9 +233,6 @@ class Scheduler:
                 seq.drafter.reset(list(seq.prompt), seq.config.sampling)
             except Exception as exc:  # a drafter bug fails its own request only
                 self._fail(seq, 500, f"drafter {seq.drafter.name!r} failed to start: {exc}")
-                continue
-            if hasattr(seq.drafter, "follow_budget") and not seq.reproducible and not self.runner.padded:
-                seq.drafter.follow_budget = True  # its budget is sized from its estimates (_draft_lengths)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
