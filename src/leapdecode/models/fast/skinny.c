@@ -29,8 +29,8 @@ static inline float tail(const float* x, const float* w, int64_t k0, int64_t K, 
 /* RB rows of x against CB weight rows (both with stride K) into y (stride N). Iteration i also prefetches
  * pf + i * stride (and 16 floats on where the stride is longer than a cache line) into L2, not L1: the rows of x
  * (9 rows are 20 KB) and the block being multiplied must stay in L1, and blocks prefetched into L1 evicted them, so
- * every row beyond the first cost as much arithmetic again as memory (5 rows 1.28x a one-row step with L1
- * prefetches, 1.07x with L2 ones; BENCHMARKS.md 0h). */
+ * every row beyond the first paid its arithmetic on top of the weight stream (a verify step of 4 draft nodes cost
+ * 1.30x-1.31x a plain step with L1 prefetches, 1.09x-1.16x with L2 ones; BENCHMARKS.md 0h). */
 static inline __attribute__((always_inline)) void tile(const float* x, const float* w, float* y, int64_t K,
                                                        int64_t N, int RB, int CB, const float* pf, int64_t stride) {
   const int64_t K8 = K & ~(int64_t)7;
