@@ -15,7 +15,7 @@ from leapdecode.serve.trace import markdown, read_trace, summarize
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("trace", help="the file given to `leapdecode serve --trace`")
+    ap.add_argument("trace", help="the file given to `leapdecode serve --trace`, or a gzipped copy (.gz)")
     ap.add_argument("--min-steps", type=int, default=1, help="leave out batch sizes with fewer steps than this")
     args = ap.parse_args()
     try:

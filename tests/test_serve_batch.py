@@ -7,6 +7,7 @@ chunks of 7 tokens; each one's greedy tokens must equal offline plain decoding o
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import queue
@@ -22,7 +23,7 @@ from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.models.hf import HFRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.scheduler import Overloaded, Scheduler, SchedulerConfig, Unavailable
-from leapdecode.serve.trace import markdown, summarize
+from leapdecode.serve.trace import markdown, read_trace, summarize
 from leapdecode.serve.sequence import Delta, Failed, Finished, Sequence, TextAssembler, needs_reproducible_drafts
 from leapdecode.draft_length import StepCost
 from scripted_drafters import EstimatingDrafter, OracleDrafter, OracleTreeDrafter, RandomDrafter
@@ -367,6 +368,20 @@ def test_the_step_trace_accounts_for_every_token(tiny_models):
     assert sum(g.emitted for g in summary.by_drafters.values()) == sum(len(r.tokens) for r in results)
     assert sum(g.steps for g in summary.by_size.values()) == len(steps)
     assert "| hybrid+none | all |" in markdown(summary) and "| resting |" in markdown(summary)
+
+
+def test_a_gzipped_trace_reads_as_the_trace(tmp_path):
+    lines = [{"iteration_s": 0.01, "rows": 3, "sequences": 2}, {"iteration_s": 0.02, "prefill_tokens": 7}]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"iteration_s": 0.0'  # a half-written last line
+    (tmp_path / "t.jsonl").write_text(text)
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    assert read_trace(tmp_path / "t.jsonl") == read_trace(tmp_path / "t.jsonl.gz") == lines
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(text.encode())[:-12])
+    with pytest.raises(OSError, match="gzip"):
+        read_trace(tmp_path / "cut.jsonl.gz")
+    (tmp_path / "plain.gz").write_text(text)
+    with pytest.raises(OSError):
+        read_trace(tmp_path / "plain.gz")
 
 
 class RestingDrafter(EstimatingDrafter):

@@ -17,7 +17,9 @@ step, and adds up, per group, what the steps cost and what they emitted:
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -72,9 +74,17 @@ class Summary:
 
 
 def read_trace(path: str | Path) -> list[dict]:
-    """The trace's lines as dicts; a half-written last line (the server was stopped mid-write) is skipped."""
+    """The trace's lines as dicts, from the file or its gzipped copy (name ending in .gz); a half-written last line
+    (the server was stopped mid-write) is skipped."""
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, zlib.error) as exc:  # cut short or damaged (a wrong header is already an OSError)
+            raise OSError(f"not a whole gzip file: {exc}") from None
     lines = []
-    for text in Path(path).read_text().splitlines():
+    for text in data.decode("utf-8", errors="replace").splitlines():
         try:
             lines.append(json.loads(text))
         except json.JSONDecodeError:
