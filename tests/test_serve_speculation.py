@@ -227,27 +227,13 @@ def test_step_cost_prices_many_row_counts_at_once():
 
 
 def test_a_drafter_that_does_not_pay_for_itself_rests():
-    upkeep = DrafterUpkeep(patience=2, rest_steps=3, max_rest_steps=8)
+    upkeep = DrafterUpkeep(patience=2, rest_steps=3)
     upkeep.judge(False)
     upkeep.judge(True)  # a step that pays starts the count again
     upkeep.judge(False)
     assert not upkeep.rest()
     upkeep.judge(False)  # two in a row: three steps off, then judged again
     assert [upkeep.rest() for _ in range(4)] == [True, True, True, False]
-    upkeep.judge(False)
-    upkeep.judge(False)  # a second rest with no paying step since the first: twice as long
-    assert [upkeep.rest() for _ in range(7)] == [True] * 6 + [False]
-    upkeep.judge(False)
-    upkeep.judge(False)  # twice as long again, but not over max_rest_steps
-    assert [upkeep.rest() for _ in range(9)] == [True] * 8 + [False]
-    upkeep.judge(True)  # drafts paid: the next rest is a first one again
-    upkeep.judge(False, batch=16)
-    upkeep.judge(False, batch=16)
-    assert upkeep.rest(16) and upkeep.rest(9)
-    assert not upkeep.rest(8)  # the batch has halved since the rest began: judged again at once
-    upkeep.judge(False, batch=8)
-    upkeep.judge(False, batch=8)
-    assert [upkeep.rest(8) for _ in range(4)] == [True, True, True, False]  # and a first rest again
     upkeep.observe(2.0)
     upkeep.observe(1.0)
     assert upkeep.seconds == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)

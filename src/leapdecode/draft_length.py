@@ -132,42 +132,26 @@ class DrafterUpkeep:
     judges every step: the expected tokens per second with the planned drafts and the drafters' own seconds,
     against plain decoding without them. After `patience` steps in a row that do not pay, the drafter rests:
     for `rest_steps` steps its sequences decode plainly without consulting it at all (for drafters that allow
-    it: Drafter.skips_steps), then it is judged again. Each rest that follows another without a paying step in
-    between is twice as long, up to `max_rest_steps`: under a steady load where drafts never pay, the steps spent
-    judging (a whole batch's estimates) shrink from 4 in 36 to a few in a thousand (BENCHMARKS.md 0h). A rest
-    ends early when the batch has shrunk to half the sequences it began with, since drafts may pay again.
-    Outputs are unchanged either way; only speed is at stake.
+    it: Drafter.skips_steps), then it is judged again. Outputs are unchanged either way; only speed is at stake.
     """
 
     decay: float = 0.9  # per observation of `seconds`
     patience: int = 4  # steps in a row that do not pay before the drafter rests
-    rest_steps: int = 32  # steps the first rest lasts
-    max_rest_steps: int = 512  # the longest rest
+    rest_steps: int = 32  # steps it then sits out
     seconds: float | None = None  # decayed mean of its seconds per sequence and step (None before any)
     unpaid: int = 0  # steps in a row that did not pay
     resting: int = 0  # steps left to sit out
-    rests: int = 0  # rests in a row without a paying step between them
-    rest_batch: int = 0  # sequences in the step that began the current rest
 
     def observe(self, seconds: float) -> None:
         self.seconds = seconds if self.seconds is None else self.decay * self.seconds + (1 - self.decay) * seconds
 
-    def judge(self, pays: bool, batch: int = 1) -> None:
-        """After a step of `batch` sequences in which the drafter was consulted: did its drafts pay?"""
-        if pays:
-            self.unpaid = self.rests = 0
-            return
-        self.unpaid += 1
+    def judge(self, pays: bool) -> None:
+        self.unpaid = 0 if pays else self.unpaid + 1
         if self.unpaid >= self.patience:
-            self.unpaid, self.rest_batch = 0, batch
-            self.resting = min(self.rest_steps << min(self.rests, 30), self.max_rest_steps)
-            self.rests += 1
+            self.unpaid, self.resting = 0, self.rest_steps
 
-    def rest(self, batch: int = 1) -> bool:
-        """At the start of a step of `batch` sequences: whether the drafter sits this one out (counts the step off
-        if so)."""
-        if self.resting > 0 and 2 * batch <= self.rest_batch:  # half the batch it began with: judge again now
-            self.resting = self.rests = 0
+    def rest(self) -> bool:
+        """At the start of a step: whether the drafter sits this one out (counts the step off if so)."""
         if self.resting <= 0:
             return False
         self.resting -= 1

@@ -387,8 +387,7 @@ class Scheduler:
             plan.budgets.update({seq.id: min(k, cap) for seq, cap in adaptive})
             plan.scaled.update({seq.id: seq.estimate.gains(min(k, cap)) for seq, cap in adaptive})
             return plan
-        resting = {name for name in {seq.drafter.name for seq, _ in adaptive}
-                   if self._upkeep[name].rest(len(batch))}
+        resting = {name for name in {seq.drafter.name for seq, _ in adaptive} if self._upkeep[name].rest()}
         gains = []
         for seq, cap in adaptive:
             if seq.drafter.name in resting and getattr(seq.drafter, "skips_steps", False):
@@ -414,7 +413,7 @@ class Scheduler:
             upkeep = sum(self._upkeep[seq.drafter.name].seconds or 0.0 for seq in judged)
             pays = rows.tokens / (rows.seconds + upkeep) > rows.plain_tokens / rows.plain_seconds
             for name in {seq.drafter.name for seq in judged}:
-                self._upkeep[name].judge(pays, len(batch))
+                self._upkeep[name].judge(pays)
         return plan
 
     @staticmethod
