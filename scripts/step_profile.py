@@ -45,16 +45,23 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256, help="tokens each sequence holds before the timed steps")
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
-    nodes = [int(n) for n in args.nodes.split(",")]
+    try:
+        nodes = [int(n) for n in args.nodes.split(",")]
+    except ValueError:
+        raise SystemExit(f"--nodes takes comma-separated integers, e.g. 0,1,4; got {args.nodes!r}") from None
     if args.batch < 1 or args.context < 2 or args.repeats < 1 or min(nodes) < 0:
         raise SystemExit("need --batch >= 1, --context >= 2, --repeats >= 1 and --nodes >= 0")
-    model = load_model(args.model)
+    try:
+        model = load_model(args.model)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if model.device.type != "cpu":
         raise SystemExit(f"this profile is for the CPU; the model is on {model.device}")
     seconds: defaultdict[str, float] = defaultdict(float)
     for part, (module, name) in PARTS.items():
         setattr(module, name, timed(seconds, part, getattr(module, name)))
-    runner = FastBatchRunner(model.runner("fast"), args.batch, capacity=args.context + 64)
+    steps_run = (3 + args.repeats) * len(nodes)  # each commits one token: the caches never grow mid-timing
+    runner = FastBatchRunner(model.runner("fast"), args.batch, capacity=args.context + steps_run + max(nodes) + 1)
     vocab = runner.vocab_size
     ids = [(7 + 31 * i) % vocab for i in range(args.context + args.batch + max(nodes) + 2)]
     slots = [runner.allocate() for _ in range(args.batch)]

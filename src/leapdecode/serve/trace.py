@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 @dataclass
 class Group:
     """Sums over the decode steps of one group."""
