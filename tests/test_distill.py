@@ -15,6 +15,7 @@ from leapdecode.distill import (ON_PASSAGE, PASSAGE, TOPICS, corpus_prompts, gen
                                 with_passages)
 from leapdecode.distill_cli import register
 from leapdecode.drafters.aded import ADED
+from leapdecode.drafters.chain_stats import chain_counts, read_chain_counts
 from leapdecode.drafters.hybrid import Hybrid
 from leapdecode.drafters.recycling import RecyclingTable, TokenRecycling
 from leapdecode.drafters.registry import make_drafter
@@ -211,3 +212,8 @@ def test_distill_tables_writes_loadable_tables(tmp_path, smollm2):
     aded = make_drafter("aded", {"table": str(out / "trigrams.npz")}, target=smollm2)
     first = rows[0]["answer_ids"]
     assert aded.table.row(-1, first[0])  # the answer's bigrams were counted
+    at_risk, survived = read_chain_counts(out / "chains.json")  # counted on the greedy answers only
+    expected = chain_counts([(r["prompt_ids"], r["answer_ids"]) for r in rows[:3]])
+    assert (at_risk == expected[0]).all() and (survived == expected[1]).all()
+    hybrid = make_drafter("hybrid", {"chain_prior": str(out / "chains.json")}, target=smollm2)
+    assert hybrid.chain_stats.probs(1).shape == (32,)

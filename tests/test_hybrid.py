@@ -9,6 +9,8 @@ import torch
 
 from leapdecode.budget import LatencyCurve
 from leapdecode.drafters.base import StepResult
+from leapdecode.drafters.chain_stats import (PRIOR_STEPS, chain_counts, chain_prior, flat_prior, read_chain_counts,
+                                             write_chain_counts)
 from leapdecode.drafters.hybrid import ChainStats, Hybrid, merge_chain_and_tree
 from leapdecode.drafters.recycling import RecyclingTable
 from leapdecode.tree import children
@@ -117,6 +119,61 @@ def test_chain_stats_recent_evidence_counts_tried_positions_only():
     assert (stats.recent_at_risk, stats.recent_survived) == (3, 2)
     stats.record(2, [1, 2, 3, 4], [1])  # agreed with the one emitted token, the rest unknown: 1 tried, 1 right
     assert (stats.recent_at_risk, stats.recent_survived) == (0.5 * 3 + 1, 0.5 * 2 + 1)
+
+
+def test_chain_counts_count_each_answer_position_as_a_decoding_step():
+    # prompt 1 2 3 4, answer 1 2 3 9. Before answer token 0 the context ends in 4, seen nowhere earlier: no chain.
+    # Before token 1 (context ...4 1): the 1-gram "1" matched at the start, chain 2 3 4 1 against 2 3 9: right
+    # twice, wrong at depth 3. Before token 2 (...1 2): 2-gram, chain 3 4 1 2 against 3 9: right once, then wrong.
+    # Before token 3 (...1 2 3): 3-gram, chain 4 1 2 3 against 9: wrong at once.
+    at_risk, survived = chain_counts([([1, 2, 3, 4], [1, 2, 3, 9])], max_ngram=4, max_chain=4)
+    assert at_risk.tolist() == [[0] * 4, [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [0] * 4]
+    assert survived.tolist() == [[0] * 4, [1, 1, 0, 0], [1, 0, 0, 0], [0] * 4, [0] * 4]
+    # the same counts as a decoding loop's ChainStats.record with the answer's next tokens as the emitted ones
+    stats = ChainStats(max_ngram=4, max_chain=4)
+    stats.record(1, [2, 3, 4, 1], [2, 3, 9])
+    stats.record(2, [3, 4, 1, 2], [3, 9])
+    stats.record(3, [4, 1, 2, 3], [9])
+    assert (stats.at_risk == at_risk).all() and (stats.survived == survived).all()
+
+
+def test_chain_counts_round_trip_and_bad_files(tmp_path):
+    at_risk, survived = chain_counts([([5, 6, 7, 5, 6], [7, 5, 6, 7, 8])], max_ngram=3, max_chain=5)
+    path = tmp_path / "chains.json"
+    write_chain_counts(path, at_risk, survived, source="a test")
+    again = read_chain_counts(path)
+    assert (again[0] == at_risk).all() and (again[1] == survived).all()
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(ValueError, match="chain counts"):
+            read_chain_counts(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        Hybrid(chain_prior=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="chain_prior"):
+        Hybrid(chain_prior=3)
+
+
+def test_chain_prior_smooths_counts_and_reaches_past_them():
+    at_risk = [[0, 0], [100, 0], [100, 50]]  # counted for n <= 2 and depths 1-2 only
+    survived = [[0, 0], [20, 0], [90, 40]]
+    prior = chain_prior(torch.tensor(at_risk).numpy(), torch.tensor(survived).numpy(), max_ngram=4, max_chain=3)
+    flat = flat_prior(4, 3)
+    assert prior[1, 0] == pytest.approx((20 + PRIOR_STEPS * flat[1, 0]) / (100 + PRIOR_STEPS))
+    assert prior[1, 1] == pytest.approx(flat[1, 1])  # never counted: the built-in guess
+    assert prior[2, 1] == pytest.approx((40 + PRIOR_STEPS * flat[2, 1]) / (50 + PRIOR_STEPS))
+    assert prior[2, 2] == pytest.approx((40 + PRIOR_STEPS * flat[2, 2]) / (50 + PRIOR_STEPS))  # deepest counted
+    assert prior[4, 0] == pytest.approx((90 + PRIOR_STEPS * flat[4, 0]) / (100 + PRIOR_STEPS))  # longest counted
+
+
+def test_hybrid_starts_its_chain_rates_from_the_counts_it_is_given(tmp_path):
+    path = tmp_path / "chains.json"
+    at_risk, survived = torch.zeros(5, 8).numpy(), torch.zeros(5, 8).numpy()
+    at_risk[4], survived[4] = 1000, 950  # 4-gram chains right 95 % of the time at every depth
+    write_chain_counts(path, at_risk, survived, source="a test")
+    measured, built_in = Hybrid(chain_prior=str(path)), Hybrid(chain_prior="")
+    assert measured.chain_stats.probs(4)[1] == pytest.approx(((950 + PRIOR_STEPS * 0.7) / (1000 + PRIOR_STEPS)) ** 2)
+    assert built_in.chain_stats.probs(4)[1] == pytest.approx(0.7 ** 2)
+    assert measured.fork().chain_stats.probs(4)[1] == measured.chain_stats.probs(4)[1]
 
 
 @pytest.mark.parametrize("memory", [-0.1, 1.0, "x", True])

@@ -46,11 +46,13 @@ def distill_tables(
     """Let the target answer ~1,800 built-in prompts and distil warm drafter tables from what it wrote and predicted.
 
     Writes into --out: recycling.pt (option table_path of recycling and hybrid), trigrams.npz (option table of aded),
+    chains.json (option chain_prior of hybrid: how often copy chains were right in the greedy answers),
     corpus.jsonl and target.json. Tables only choose drafts, never the output. Minutes on a GPU (--device cuda),
     hours on a CPU (try --limit 20 first).
     """
     from leapdecode.cli import fail
     from leapdecode.distill import corpus_prompts, generate_corpus, target_predictions, with_passages
+    from leapdecode.drafters.chain_stats import chain_counts, write_chain_counts
     from leapdecode.drafters.recycling import RecyclingTable
     from leapdecode.drafters.shipped import target_fingerprint
     from leapdecode.drafters.trigram import TrigramTable
@@ -102,6 +104,10 @@ def distill_tables(
     recycling.save(out / "recycling.pt")
     trigrams = TrigramTable.from_sequences([p[-2:] + a for p, a in pairs if a], top_k=top_k)
     trigrams.save(out / "trigrams.npz")
+    greedy = pairs[: len(all_prompts)]
+    write_chain_counts(out / "chains.json", *chain_counts(greedy),
+                       source=f"{model}'s {len(greedy)} greedy answers to leapdecode distill-tables prompts "
+                              f"(seed {seed}, limit {limit}, max_new_tokens {max_new_tokens})")
     fingerprint = target_fingerprint(target)
     (out / "target.json").write_text(json.dumps({"model": model, "fingerprint": fingerprint, "answers": len(pairs),
                                                  "max_new_tokens": max_new_tokens, "samples": samples,
@@ -109,5 +115,6 @@ def distill_tables(
     tokens = sum(len(a) for _, a in pairs)
     err.print(f"{len(pairs)} answers, {tokens} tokens in {time.perf_counter() - began:.0f} s -> "
               f"{out / 'recycling.pt'} ({recycling.filled_rows()} token rows), {out / 'trigrams.npz'} "
-              f"({len(trigrams)} contexts, {trigrams.state_bytes() / 2**20:.1f} MiB in memory). To make them the "
-              f"default of this target: copy both into src/leapdecode/drafters/shipped_tables/{fingerprint}/")
+              f"({len(trigrams)} contexts, {trigrams.state_bytes() / 2**20:.1f} MiB in memory), "
+              f"{out / 'chains.json'}. To make them the default of this target: copy the three into "
+              f"src/leapdecode/drafters/shipped_tables/{fingerprint}/")

@@ -8,9 +8,10 @@ right for a token or three almost everywhere, never for long. So every step prop
 - Each candidate node has an estimated probability of being accepted. Template nodes: from their acceptance counts
   (TreeTemplate.estimates). Copy-chain nodes: from how often a chain of the same match length n was right for d
   tokens, learned every step from the emitted tokens whether or not the chain was drafted (a chain node is
-  accepted exactly when the chain agrees with the emitted continuation up to it); optionally pooled with how the
-  chains of the current request did in its last few steps (`chain_memory`, off by default). Deeper nodes are
-  never more likely than shallower ones in either list.
+  accepted exactly when the chain agrees with the emitted continuation up to it), starting from the rates counted
+  on the target's own answers where they are shipped (`chain_prior`, leapdecode.drafters.chain_stats); optionally
+  pooled with how the chains of the current request did in its last few steps (`chain_memory`, off by default).
+  Deeper nodes are never more likely than shallower ones in either list.
 - The draft keeps the most likely nodes of both lists together. Its size is the loop's budget, or `tree_budget`,
   or with a latency curve (tree_budget="auto") the size that maximises expected tokens per second for *this* step:
   a long, reliable match buys a deep chain; no match leaves the recycling tree alone at its usual size.
@@ -34,15 +35,11 @@ import numpy as np
 
 from leapdecode.budget import LatencyCurve
 from leapdecode.drafters.base import Draft, StepResult
+from leapdecode.drafters.chain_stats import ChainStats, load_chain_prior
 from leapdecode.drafters.pld import PromptLookup, continuation, find_match
-from leapdecode.drafters.recycling import PRIOR_STEPS, TokenRecycling, _check_int, target_options
+from leapdecode.drafters.recycling import TokenRecycling, _check_int, target_options
+from leapdecode.drafters.shipped import is_auto, resolve_table
 from leapdecode.sampling import SamplingConfig
-
-# prior P(chain node d is right | node d - 1 was right) for a match of length n = 1, 2, 3, 4+ (before any evidence)
-CHAIN_PRIOR = (0.3, 0.45, 0.6, 0.7)
-RECENT_PRIOR = 4.0  # weight of the long-run rate against a request's recent chain evidence, in observations
-MAX_RATE = 0.98  # a chain node is never taken for certain
-
 
 def merge_chain_and_tree(chain: Sequence[int], tokens: Sequence[int], parents: Sequence[int],
                          limit: int) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -82,67 +79,6 @@ def merge_chain_and_tree(chain: Sequence[int], tokens: Sequence[int], parents: S
     return out_tokens, out_parents, chain_nodes, origin
 
 
-class ChainStats:
-    """P(the first d tokens of a copy chain are right), per match length n, as a product of per-depth survival
-    rates: rate(n, d) = P(token d right | tokens < d right). Each step is evidence for the depths it tried: every
-    depth up to the first disagreement between the chain and the emitted tokens, that one included (a depth past
-    it says nothing about the conditional rate there); when the chain agreed with all the emitted tokens, the
-    depths beyond are unknown and not counted (censored), which keeps the rates unbiased.
-
-    Copying comes in spells: an answer that quotes its prompt copies for many steps in a row, then writes fresh text.
-    So the rates also follow the current request: with `memory` > 0, the request's recent chain evidence (any n and
-    depth, counts decayed by `memory` per step: ~1 / (1 - memory) steps remembered) is pooled with the long-run
-    rate, which acts as a prior worth RECENT_PRIOR observations. memory = 0 uses the long-run rates alone."""
-
-    def __init__(self, max_ngram: int, max_chain: int, memory: float = 0.0) -> None:
-        self.max_chain = max_chain
-        self.memory = memory
-        self.at_risk = np.zeros((max_ngram + 1, max_chain))  # [n, d] steps whose outcome at depth d + 1 is known
-        self.survived = np.zeros((max_ngram + 1, max_chain))  # [n, d] of those, chain right up to depth d + 1
-        self.recent_at_risk = self.recent_survived = 0.0  # this request's decayed counts over all n and depths
-        self._prior = np.array([CHAIN_PRIOR[min(n, len(CHAIN_PRIOR)) - 1] if n else 0.0
-                                for n in range(max_ngram + 1)])  # [n]
-        self._clock = [0]  # evidence recorded so far, shared with forks (their cached probs expire with it)
-        self._probs: np.ndarray | None = None
-        self._probs_at = -1  # the clock when _probs was computed (-1: never, or the recent evidence changed)
-
-    def fork(self) -> ChainStats:
-        """Statistics for another request: the long-run counts are shared (updated in place), the recent ones are
-        its own."""
-        other = copy.copy(self)
-        other.recent_at_risk = other.recent_survived = 0.0
-        other._probs_at = -1
-        return other
-
-    def probs(self, n: int) -> np.ndarray:
-        """[max_chain] P(chain node d + 1 is accepted) for a match of length n, non-increasing in d."""
-        if self._probs_at != self._clock[0]:
-            self._probs_at = self._clock[0]
-            rates = (self.survived + PRIOR_STEPS * self._prior[:, None]) / (self.at_risk + PRIOR_STEPS)  # [n, d]
-            if self.memory > 0.0:
-                rates = (self.recent_survived + RECENT_PRIOR * rates) / (self.recent_at_risk + RECENT_PRIOR)
-            self._probs = np.cumprod(np.minimum(rates, MAX_RATE), axis=1)  # [n, d]
-        return self._probs[n]
-
-    def record(self, n: int, chain: Sequence[int], emitted: Sequence[int]) -> None:
-        agree = 0
-        while agree < len(chain) and agree < len(emitted) and chain[agree] == emitted[agree]:
-            agree += 1
-        # depths tried: up to the first wrong one; when the chain agreed with every emitted token, no further
-        tried = min(len(chain), agree + 1) if agree < len(emitted) else agree
-        self.at_risk[n, :tried] += 1
-        self.survived[n, :agree] += 1
-        if self.memory > 0.0:
-            self.recent_at_risk = self.memory * self.recent_at_risk + tried
-            self.recent_survived = self.memory * self.recent_survived + agree
-        self._clock[0] += 1
-
-    def new_request(self) -> None:
-        """Forget the recent evidence (a new request); the long-run rates stay."""
-        self.recent_at_risk = self.recent_survived = 0.0
-        self._probs_at = -1
-
-
 class _Lookup(PromptLookup):
     """Prompt lookup that also says how long the matched suffix was (the chain's reliability depends on it)."""
 
@@ -163,13 +99,16 @@ class Hybrid:
 
     def __init__(self, max_ngram: int = 4, max_chain: int = 32, top_k: int = 8, template: Any = None,
                  tree_budget: Any = "auto", table_path: str = "auto", vocab_size: int = 0, update: str = "all",
-                 chain_memory: float = 0.0, latency_curve: LatencyCurve | None = None) -> None:
+                 chain_memory: float = 0.0, chain_prior: str = "auto",
+                 latency_curve: LatencyCurve | None = None) -> None:
         """max_ngram: longest suffix matched for the copy chain (longer matches are more reliable);
         max_chain: longest copy chain drafted. chain_memory: decay per step of the request's recent chain evidence
         pooled with the long-run rates (0, the default = long-run rates alone; see ChainStats: on Spec-Bench with
-        SmolLM2 pooling did not pay, BENCHMARKS.md section 5). tree_budget: "auto" (with a latency curve: per step,
-        the size that maximises expected tokens per second; without one: the recycling template plus the chain) or
-        an integer cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
+        SmolLM2 pooling did not pay, BENCHMARKS.md section 5). chain_prior: where the chain rates start: "auto" =
+        the counts shipped for the target (chains.json; from_options knows the target), else the built-in guess;
+        "" = the built-in guess (CHAIN_PRIOR); or a path to counts (chain_stats.write_chain_counts).
+        tree_budget: "auto" (with a latency curve: per step, the size that maximises expected tokens per second;
+        without one: the recycling template plus the chain) or an integer cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
         _check_int("max_ngram", max_ngram, 1, 16)
         _check_int("max_chain", max_chain, 1, 256)
         self.max_ngram = max_ngram
@@ -177,7 +116,11 @@ class Hybrid:
         if not isinstance(chain_memory, (int, float)) or isinstance(chain_memory, bool) or \
                 not 0.0 <= chain_memory < 1.0:
             raise ValueError(f"chain_memory must be a number in [0, 1), got {chain_memory!r}")
-        self.chain_stats = ChainStats(max_ngram, max_chain, float(chain_memory))
+        if not isinstance(chain_prior, str):
+            raise ValueError(f"chain_prior must be 'auto', '' or a path to chain counts, got {chain_prior!r}")
+        prior = load_chain_prior(chain_prior, max_ngram, max_chain) if chain_prior and not is_auto(chain_prior) \
+            else None
+        self.chain_stats = ChainStats(max_ngram, max_chain, float(chain_memory), prior)
         self.max_chain = max_chain
         self.recycling = TokenRecycling(top_k=top_k, template=template, tree_budget=tree_budget,
                                         table_path=table_path, vocab_size=vocab_size, update=update,
@@ -197,8 +140,11 @@ class Hybrid:
     @classmethod
     def from_options(cls, kwargs: dict[str, Any], target: Any = None, **context: Any) -> Hybrid:
         """Registry entry: like TokenRecycling, measure or load the target's latency curve for tree_budget=auto and
-        start from the table shipped for the target when table_path is "auto"."""
-        return cls(**target_options(kwargs, target))
+        start from the table and the chain counts shipped for the target where table_path and chain_prior are
+        "auto"."""
+        kwargs = target_options(kwargs, target)
+        kwargs["chain_prior"] = resolve_table(kwargs.get("chain_prior", "auto"), target, "chains.json")
+        return cls(**kwargs)
 
     def reset(self, prompt: Sequence[int], sampling: SamplingConfig | None = None) -> None:
         """New request: the copy index and the recent chain evidence restart; the recycling table and the
