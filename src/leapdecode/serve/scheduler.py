@@ -4,8 +4,10 @@ Each iteration of the loop:
   1. admit waiting sequences into free batch slots, drop cancelled ones (a disconnected client frees its slot here);
   2. one decode step for every sequence past its prefill: choose each sequence's draft length for this batch
      (leapdecode.draft_length), let each sequence's drafter propose, verify all drafts in one forward pass,
-     apply the exact acceptance rule per sequence, commit, observe, emit; a drafter whose drafts have not paid
-     for its own work in the last steps rests for a while (its sequences decode plainly without consulting it);
+     apply the exact acceptance rule per sequence, commit, observe, emit; a sequence given no rows does not
+     consult its drafter beyond the estimates (where the drafter may skip steps), and a drafter whose drafts have
+     not paid for its own work in the last steps rests for a while (its sequences decode plainly without
+     consulting it);
   3. prefill the next chunk (at most `prefill_chunk` prompt tokens) of sequences that just joined, so a long
      prompt delays the running sequences by one chunk per iteration instead of by its whole length; after a step
      that speculated, as many chunks as the step was (by the cost model) longer than a plain one, so joining
@@ -82,6 +84,11 @@ class StepPlan:
     predicted: dict[int, list[float]] = field(default_factory=dict)  # drafters' own estimates, where they make them
     scaled: dict[int, list[float]] = field(default_factory=dict)  # the chances the rows were shared out by
     resting: set[int] = field(default_factory=set)  # sequences whose drafter sits this step out (DrafterUpkeep)
+    idle: set[int] = field(default_factory=set)  # sequences given no rows whose drafter then skips propose, observe
+
+    def consults(self, seq_id: int) -> bool:
+        """Whether the sequence's drafter proposes and observes this step."""
+        return seq_id not in self.resting and seq_id not in self.idle
     upkeep: dict[int, float] = field(default_factory=dict)  # seconds each drafter has spent on this step so far
 
 
@@ -279,11 +286,11 @@ class Scheduler:
         budgets, predicted, scaled, upkeep = plan.budgets, plan.predicted, plan.scaled, plan.upkeep
         t_propose = time.perf_counter()
         self.last_draft_length = max(budgets.values(), default=0)
-        # 2. guess (a resting drafter is not consulted: plain decoding)
+        # 2. guess (a resting or idle drafter is not consulted: plain decoding)
         entries: list[tuple[Sequence, Draft]] = []
         for seq in batch:
             budget = budgets[seq.id]
-            if seq.id in plan.resting:
+            if not plan.consults(seq.id):
                 entries.append((seq, Draft.empty()))
                 continue
             t0 = time.perf_counter()
@@ -303,7 +310,7 @@ class Scheduler:
         # 3. one forward pass over every sequence's root and draft
         t1 = time.perf_counter()
         self._step.update(sequences=len(entries), drafters=sorted({seq.drafter.name for seq, _ in entries}),
-                          resting=len(plan.resting), choose_s=round(t_propose - t_choose, 5),
+                          resting=len(plan.resting), idle=len(plan.idle), choose_s=round(t_propose - t_choose, 5),
                           propose_s=round(t1 - t_propose, 5))
         try:
             logits = self.runner.verify([(seq.slot, seq.root, draft) for seq, draft in entries])
@@ -334,7 +341,7 @@ class Scheduler:
                 acceptance = accept(draft, seq_logits[: draft.n + 1], seq.config.sampling, seq.generator)
                 self.runner.commit(seq.slot, acceptance.path)
                 emitted = draft.tokens[acceptance.path].tolist() + [acceptance.bonus]
-                if seq.id not in plan.resting:
+                if plan.consults(seq.id):
                     t3 = time.perf_counter()
                     seq.drafter.observe(StepResult(seq.root, draft, seq_logits, acceptance.path, acceptance.bonus,
                                                    emitted))
@@ -372,9 +379,10 @@ class Scheduler:
     def _draft_lengths(self, batch: list[Sequence]) -> StepPlan:
         """Each sequence's draft budget for this step (see StepPlan). A padded runner offers every adaptive sequence
         one common length (the step is as wide as its widest sequence anyway); one without padding sizes each
-        sequence's draft by its nodes' chances (draft_length.plan_draft_lengths), and lets drafters whose work does
-        not pay for itself rest (draft_length.DrafterUpkeep). Reproducible requests decide from their own
-        history."""
+        sequence's draft by its nodes' chances (draft_length.plan_draft_lengths), lets a drafter that may skip
+        steps skip this one where its sequence gets no rows (idle: its estimates were all it cost), and lets
+        drafters whose work does not pay for itself rest (draft_length.DrafterUpkeep). Reproducible requests decide
+        from their own history."""
         caps = [max(0, min(seq.config.budget, seq.remaining - 1, self.config.max_draft)) for seq in batch]
         plan = StepPlan({seq.id: own_draft_length(seq.estimate, cap, self.config.max_draft)
                          for seq, cap in zip(batch, caps) if seq.reproducible})
@@ -406,6 +414,10 @@ class Scheduler:
         rows = plan_draft_lengths(gains, self.cost, fixed)
         plan.budgets.update({seq.id: k for (seq, _), k in zip(adaptive, rows.lengths)})
         plan.scaled.update({seq.id: g for (seq, _), g in zip(adaptive, gains)})
+        for (seq, _), k in zip(adaptive, rows.lengths):  # no rows: a drafter that may skip steps skips this one
+            if k == 0 and seq.id not in plan.resting and getattr(seq.drafter, "skips_steps", False):
+                plan.idle.add(seq.id)
+                self._upkeep[seq.drafter.name].observe(plan.upkeep.get(seq.id, 0.0))  # its estimates alone
         # do the drafts pay for the drafters' own work? (only drafters that may rest are judged)
         judged = [seq for seq, _ in adaptive if seq.id not in plan.resting and getattr(seq.drafter, "skips_steps",
                                                                                         False)]
