@@ -127,8 +127,9 @@ class DrafterCalibration:
 class DrafterUpkeep:
     """What consulting a drafter costs the server per sequence and step, and whether its drafts pay for that.
 
-    A drafter's own work (its estimates, its proposal, learning from the outcome) is paid every step, drafted or
-    not; on a CPU serving many sequences it can outweigh what the few rows worth drafting gain. The scheduler
+    A drafter's own work is paid every step: its estimates for every sequence, its proposal and learning from the
+    outcome for those given rows (a sequence given none leaves its drafter idle, where the drafter may skip steps);
+    on a CPU serving many sequences it can outweigh what the few rows worth drafting gain. The scheduler
     judges every step: the expected tokens per second with the planned drafts and the drafters' own seconds,
     against plain decoding without them. After `patience` steps in a row that do not pay, the drafter rests:
     for `rest_steps` steps its sequences decode plainly without consulting it at all (for drafters that allow
