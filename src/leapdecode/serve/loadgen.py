@@ -175,6 +175,24 @@ def identical_outputs(results: Sequence[LevelResult], drafter: str) -> tuple[int
     return same, total
 
 
+# two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (beyond: the normal's 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ratio_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
+    """(geometric mean, low, high): a 95% t-interval for the typical speed-up from per-round ratios (at least 2),
+    computed on their logarithms (a ratio's noise is multiplicative). Rounds alternate which side runs first, so
+    a drifting machine adds spread between rounds rather than a bias."""
+    if len(ratios) < 2 or min(ratios) <= 0:
+        raise ValueError(f"need at least 2 positive ratios, got {list(ratios)}")
+    logs = [math.log(x) for x in ratios]
+    mean = statistics.fmean(logs)
+    t = T975[len(logs) - 2] if len(logs) - 1 <= len(T975) else 1.96
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def markdown(results: Sequence[LevelResult], drafter: str, meta: dict[str, str]) -> str:
     lines = [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "| concurrency | speculation | ok | output tok/s | p50 latency (s) | p95 latency (s) | "
@@ -195,7 +213,11 @@ def markdown(results: Sequence[LevelResult], drafter: str, meta: dict[str, str])
         for level in sorted({r.concurrency for r in results}):
             ratios = [runs[(drafter, level, k)] / runs[("none", level, k)] for k in rounds
                       if runs.get(("none", level, k)) and (drafter, level, k) in runs]
-            lines.append(f"- concurrency {level}, speed-up per round: " + ", ".join(f"{x:.2f}x" for x in ratios))
+            line = f"- concurrency {level}, speed-up per round: " + ", ".join(f"{x:.2f}x" for x in ratios)
+            if len(ratios) >= 3:
+                mean, low, high = ratio_interval(ratios)
+                line += f"; geometric mean {mean:.3f}x, 95% interval {low:.3f}x-{high:.3f}x"
+            lines.append(line)
     same, total = identical_outputs(results, drafter)
     lines += ["", f"Greedy outputs identical with speculation on and off: {same}/{total}."]
     return "\n".join(lines) + "\n"
