@@ -423,3 +423,34 @@ def test_a_drafter_rests_while_its_work_costs_more_than_its_drafts_gain(tiny_mod
     else:
         # 4 steps that do not pay (5 at first: its cost is unknown before its first step), 32 off, and again
         assert 4 <= len(drafter.budgets) <= 1 + 4 * (1 + steps // 36) < steps
+
+
+@pytest.mark.parametrize("skips_steps", [True, False])
+def test_a_sequence_given_no_rows_leaves_a_drafter_that_may_skip_steps_idle(tiny_models, skips_steps):
+    # a drafter that claims its nodes are never right gets no rows in any step: one that may skip steps is asked
+    # for its estimates only (no propose, no observe: idle), one that may not is still proposed to (budget 0) and
+    # observes every step. Plain decoding's output either way.
+    model = tiny_models["llama"]
+    prompt, length = make_prompts()[4], 40
+    expected = plain(model, prompt, length)
+    drafter = RestingDrafter(prompt + expected, VOCAB, right=1, claimed=0.0)
+    drafter.skips_steps = skips_steps
+    asked = []
+    estimates = drafter.acceptance_estimates
+    drafter.acceptance_estimates = lambda context, budget: asked.append(budget) or estimates(context, budget)
+    trace = io.StringIO()
+    scheduler = Scheduler(batch_runner("fast", model, 2), SchedulerConfig(max_batch=2, max_draft=4),
+                          cost=StepCost(FLAT, weight=0.0), trace=trace)
+    scheduler.start()
+    try:
+        results = run_all(scheduler, [(prompt, GenerationConfig(max_new_tokens=length, ignore_eos=True), drafter)])
+    finally:
+        scheduler.stop()
+    assert results[0].tokens == expected
+    steps = [json.loads(line) for line in trace.getvalue().splitlines() if '"rows"' in line]
+    assert len(steps) == results[0].stats.steps == length and all(s["rows"] == s["sequences"] for s in steps)
+    assert len(asked) == length - 1  # the last step may draft nothing (one token left): no estimates asked
+    if skips_steps:
+        assert drafter.budgets == [] and drafter.observed == 0 and all(s["idle"] == 1 for s in steps[:-1])
+    else:
+        assert drafter.budgets == [0] * length and drafter.observed == length and all(s["idle"] == 0 for s in steps)
