@@ -428,8 +428,8 @@ def test_a_drafter_rests_while_its_work_costs_more_than_its_drafts_gain(tiny_mod
 @pytest.mark.parametrize("skips_steps", [True, False])
 def test_a_sequence_given_no_rows_leaves_a_drafter_that_may_skip_steps_idle(tiny_models, skips_steps):
     # a drafter that claims its nodes are never right gets no rows in any step: one that may skip steps is asked
-    # for its estimates only (no propose, no observe: idle), one that may not is still proposed to (budget 0) and
-    # observes every step. Plain decoding's output either way.
+    # for its estimates only (no propose, no observe: idle) and, as those do not pay, rests; one that may not is
+    # still proposed to (budget 0) and observes every step. Plain decoding's output either way.
     model = tiny_models["llama"]
     prompt, length = make_prompts()[4], 40
     expected = plain(model, prompt, length)
@@ -449,8 +449,9 @@ def test_a_sequence_given_no_rows_leaves_a_drafter_that_may_skip_steps_idle(tiny
     assert results[0].tokens == expected
     steps = [json.loads(line) for line in trace.getvalue().splitlines() if '"rows"' in line]
     assert len(steps) == results[0].stats.steps == length and all(s["rows"] == s["sequences"] for s in steps)
-    assert len(asked) == length - 1  # the last step may draft nothing (one token left): no estimates asked
-    if skips_steps:
-        assert drafter.budgets == [] and drafter.observed == 0 and all(s["idle"] == 1 for s in steps[:-1])
-    else:
-        assert drafter.budgets == [0] * length and drafter.observed == length and all(s["idle"] == 0 for s in steps)
+    if skips_steps:  # idle every step it is asked; its estimates alone do not pay, so it also rests
+        assert drafter.budgets == [] and drafter.observed == 0
+        assert all(s["idle"] + s["resting"] == 1 for s in steps) and 0 < len(asked) <= sum(s["idle"] for s in steps)
+    else:  # asked every step but the last (one token left: nothing to draft), proposed to and observing every step
+        assert len(asked) == length - 1 and drafter.budgets == [0] * length and drafter.observed == length
+        assert all(s["idle"] == 0 and s["resting"] == 0 for s in steps)
