@@ -455,3 +455,11 @@ def test_a_sequence_given_no_rows_leaves_a_drafter_that_may_skip_steps_idle(tiny
     else:  # asked every step but the last (one token left: nothing to draft), proposed to and observing every step
         assert len(asked) == length - 1 and drafter.budgets == [0] * length and drafter.observed == length
         assert all(s["idle"] == 0 and s["resting"] == 0 for s in steps)
+
+
+@pytest.mark.parametrize("field", ["max_batch", "prefill_chunk", "calibration_width"])
+def test_scheduler_config_refuses_sizes_below_one(field):
+    with pytest.raises(ValueError, match=f"{field} must be >= 1"):
+        SchedulerConfig(**{field: 0})
+    with pytest.raises(ValueError, match="calibration_rows"):
+        SchedulerConfig(calibration_rows=())

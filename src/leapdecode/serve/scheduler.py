@@ -64,9 +64,10 @@ class SchedulerConfig:
     max_draft: int = 32  # longest draft (nodes) any sequence may verify in one step
     calibration_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)  # step sizes timed at start-up
     calibration_context: int = 128  # tokens in the scratch sequences those steps run on (attention reads them)
+    calibration_width: int = 16  # most one-row sequences in the step timed for what each further sequence adds
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "prefill_chunk"):
+        for name in ("max_batch", "prefill_chunk", "calibration_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_waiting", "max_draft", "calibration_context"):
@@ -466,9 +467,13 @@ class Scheduler:
 
 def calibrate(runner: BatchRunner | FastBatchRunner, config: SchedulerConfig) -> StepCost:
     """The step cost model, timed on scratch sequences of `runner` holding `calibration_context` tokens, as requests
-    do: one sequence's step at each of `calibration_rows` (the best of three each), then a step of several one-row
-    sequences for what each further sequence adds. The scratch slots must be free; they are given back."""
-    width = min(config.max_batch, 4)
+    do: one sequence's step at each of `calibration_rows` (the best of three each), then a step of one-row
+    sequences, as many as the server runs (up to `calibration_width`), for what each further sequence adds. That
+    cost is a difference of two step times shared among the sequences; with 4 sequences it came out between 0.3
+    and 1.7 ms in three calibrations in a row on the 2-core development machine, pricing a plain 16-sequence step
+    at 39-63 ms against 38 ms measured (BENCHMARKS.md 0i). The scratch slots must be free; they are given
+    back."""
+    width = min(config.max_batch, config.calibration_width)
     room = runner.max_positions - max(config.calibration_rows) - 4 * len(config.calibration_rows) - 8
     context = max(0, min(config.calibration_context, room))  # every timed step must fit after it
     slots = []
