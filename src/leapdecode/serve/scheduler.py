@@ -469,10 +469,9 @@ def calibrate(runner: BatchRunner | FastBatchRunner, config: SchedulerConfig) ->
     """The step cost model, timed on scratch sequences of `runner` holding `calibration_context` tokens, as requests
     do: one sequence's step at each of `calibration_rows` (the best of three each), then a step of one-row
     sequences, as many as the server runs (up to `calibration_width`), for what each further sequence adds. That
-    cost is a difference of two step times shared among the sequences; with 4 sequences it came out between 0.3
-    and 1.7 ms in three calibrations in a row on the 2-core development machine, pricing a plain 16-sequence step
-    at 39-63 ms against 38 ms measured (BENCHMARKS.md 0i). The scratch slots must be free; they are given
-    back."""
+    cost is a difference of two step times shared among the sequences: from 4 sequences, six calibrations in a row
+    on the 2-core development machine priced a plain 16-sequence step at 35.2-45.9 ms, from 16 at 38.7-40.8
+    (scripts/calibration_check.py, BENCHMARKS.md 0i). The scratch slots must be free; they are given back."""
     width = min(config.max_batch, config.calibration_width)
     room = runner.max_positions - max(config.calibration_rows) - 4 * len(config.calibration_rows) - 8
     context = max(0, min(config.calibration_context, room))  # every timed step must fit after it
