@@ -108,7 +108,8 @@ class Hybrid:
         the counts shipped for the target (chains.json; from_options knows the target), else the built-in guess;
         "" = the built-in guess (CHAIN_PRIOR); or a path to counts (chain_stats.write_chain_counts).
         tree_budget: "auto" (with a latency curve: per step, the size that maximises expected tokens per second;
-        without one: the recycling template plus the chain) or an integer cap on all nodes. The rest: the recycling part (see TokenRecycling)."""
+        without one: the recycling template plus the chain) or an integer cap on all nodes. The rest: the
+        recycling part (see TokenRecycling)."""
         _check_int("max_ngram", max_ngram, 1, 16)
         _check_int("max_chain", max_chain, 1, 256)
         self.max_ngram = max_ngram
