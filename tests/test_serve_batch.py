@@ -398,6 +398,17 @@ class RestingDrafter(EstimatingDrafter):
         super().observe(step)
 
 
+def decode_alone(model, prompt, length, drafter, cost, trace=None):
+    """One greedy request of `length` tokens through a two-slot scheduler with this cost model; its Finished."""
+    scheduler = Scheduler(batch_runner("fast", model, 2), SchedulerConfig(max_batch=2, max_draft=4), cost=cost,
+                          trace=trace)
+    scheduler.start()
+    try:
+        return run_all(scheduler, [(prompt, GenerationConfig(max_new_tokens=length, ignore_eos=True), drafter)])[0]
+    finally:
+        scheduler.stop()
+
+
 @pytest.mark.parametrize("plain_seconds", [1e-7, 1e3])
 def test_a_drafter_rests_while_its_work_costs_more_than_its_drafts_gain(tiny_models, plain_seconds):
     # the same drafter (right for 1 token a step, and says so) against two cost models: a step priced at 1e-7 s,
@@ -409,17 +420,12 @@ def test_a_drafter_rests_while_its_work_costs_more_than_its_drafts_gain(tiny_mod
     expected = plain(model, prompt, length)
     drafter = RestingDrafter(prompt + expected, VOCAB, right=1, claimed=0.9)
     cost = StepCost({1: plain_seconds, 1 << 20: plain_seconds * (1 + 1e-3 * ((1 << 20) - 1))}, weight=0.0)
-    scheduler = Scheduler(batch_runner("fast", model, 2), SchedulerConfig(max_batch=2, max_draft=4), cost=cost)
-    scheduler.start()
-    try:
-        results = run_all(scheduler, [(prompt, GenerationConfig(max_new_tokens=length, ignore_eos=True), drafter)])
-    finally:
-        scheduler.stop()
-    assert results[0].tokens == expected
-    steps = results[0].stats.steps
+    result = decode_alone(model, prompt, length, drafter, cost)
+    assert result.tokens == expected
+    steps = result.stats.steps
     assert drafter.observed == len(drafter.budgets)  # propose and observe are skipped together
     if plain_seconds > 1:
-        assert len(drafter.budgets) == steps and results[0].stats.accepted_tokens > 0
+        assert len(drafter.budgets) == steps and result.stats.accepted_tokens > 0
     else:
         # 4 steps that do not pay (5 at first: its cost is unknown before its first step), 32 off, and again
         assert 4 <= len(drafter.budgets) <= 1 + 4 * (1 + steps // 36) < steps
@@ -439,16 +445,10 @@ def test_a_sequence_given_no_rows_leaves_a_drafter_that_may_skip_steps_idle(tiny
     estimates = drafter.acceptance_estimates
     drafter.acceptance_estimates = lambda context, budget: asked.append(budget) or estimates(context, budget)
     trace = io.StringIO()
-    scheduler = Scheduler(batch_runner("fast", model, 2), SchedulerConfig(max_batch=2, max_draft=4),
-                          cost=StepCost(FLAT, weight=0.0), trace=trace)
-    scheduler.start()
-    try:
-        results = run_all(scheduler, [(prompt, GenerationConfig(max_new_tokens=length, ignore_eos=True), drafter)])
-    finally:
-        scheduler.stop()
-    assert results[0].tokens == expected
+    result = decode_alone(model, prompt, length, drafter, StepCost(FLAT, weight=0.0), trace)
+    assert result.tokens == expected
     steps = [json.loads(line) for line in trace.getvalue().splitlines() if '"rows"' in line]
-    assert len(steps) == results[0].stats.steps == length and all(s["rows"] == s["sequences"] for s in steps)
+    assert len(steps) == result.stats.steps == length and all(s["rows"] == s["sequences"] for s in steps)
     if skips_steps:  # idle every step it is asked; its estimates alone do not pay, so it also rests
         assert drafter.budgets == [] and drafter.observed == 0
         assert all(s["idle"] + s["resting"] == 1 for s in steps) and 0 < len(asked) <= sum(s["idle"] for s in steps)
