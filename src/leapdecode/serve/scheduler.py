@@ -86,11 +86,11 @@ class StepPlan:
     scaled: dict[int, list[float]] = field(default_factory=dict)  # the chances the rows were shared out by
     resting: set[int] = field(default_factory=set)  # sequences whose drafter sits this step out (DrafterUpkeep)
     idle: set[int] = field(default_factory=set)  # sequences given no rows whose drafter then skips propose, observe
+    upkeep: dict[int, float] = field(default_factory=dict)  # seconds each drafter has spent on this step so far
 
     def consults(self, seq_id: int) -> bool:
         """Whether the sequence's drafter proposes and observes this step."""
         return seq_id not in self.resting and seq_id not in self.idle
-    upkeep: dict[int, float] = field(default_factory=dict)  # seconds each drafter has spent on this step so far
 
 
 class Scheduler:
