@@ -17,6 +17,7 @@ counts while decoding. `write_chain_counts` stores them as chains.json beside th
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -135,12 +136,18 @@ def read_chain_counts(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(at_risk, survived) [n, d] from a file written by write_chain_counts, checked."""
     try:
         data = json.loads(Path(path).read_text())
-        at_risk, survived = np.array(data["at_risk"], dtype=float), np.array(data["survived"], dtype=float)
-        ok = data.get("format") == COUNTS_FORMAT
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a chain counts file ({COUNTS_FORMAT}): {exc}") from None
-    if not ok or at_risk.ndim != 2 or at_risk.shape != survived.shape or at_risk.shape[0] < 2 \
-            or at_risk.shape[1] < 1 or (survived < 0).any() or (survived > at_risk).any():
+    if not isinstance(data, dict) or data.get("format") != COUNTS_FORMAT or "at_risk" not in data \
+            or "survived" not in data:
+        raise ValueError(f"{path} is not a chain counts file: it needs format {COUNTS_FORMAT!r}, at_risk and "
+                         f"survived (leapdecode distill-tables or scripts/chain_counts.py write one)")
+    try:
+        at_risk, survived = np.array(data["at_risk"], dtype=float), np.array(data["survived"], dtype=float)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: at_risk and survived must be tables of numbers ({exc})") from None
+    if at_risk.ndim != 2 or at_risk.shape != survived.shape or at_risk.shape[0] < 2 or at_risk.shape[1] < 1 \
+            or (survived < 0).any() or (survived > at_risk).any():
         raise ValueError(f"{path} is not a valid chain counts file ({COUNTS_FORMAT}: at_risk and survived [n, d], "
                          f"0 <= survived <= at_risk)")
     return at_risk, survived
@@ -159,9 +166,6 @@ def chain_prior(at_risk: np.ndarray, survived: np.ndarray, max_ngram: int, max_c
     return prior
 
 
-_PRIORS: dict[tuple[str, int, int, int, int], np.ndarray] = {}  # per file version and shape: a server reads it often
-
-
 def load_chain_prior(path: str | Path, max_ngram: int, max_chain: int) -> np.ndarray:
     """chain_prior of the counts in `path`, read and checked once per file version and shape (a server builds a
     drafter per request). Read-only: every ChainStats built from it shares it."""
@@ -170,11 +174,12 @@ def load_chain_prior(path: str | Path, max_ngram: int, max_chain: int) -> np.nda
         raise ValueError(f"chain counts file {str(path)!r} does not exist (chain_prior takes 'auto', '' or the path "
                          f"of a chains.json written by leapdecode distill-tables)")
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_ngram, max_chain)
-    if key not in _PRIORS:
-        prior = chain_prior(*read_chain_counts(path), max_ngram, max_chain)
-        prior.flags.writeable = False
-        if len(_PRIORS) >= 8:
-            _PRIORS.pop(next(iter(_PRIORS)))
-        _PRIORS[key] = prior
-    return _PRIORS[key]
+    return _load_chain_prior(str(path.resolve()), stat.st_size, stat.st_mtime_ns, max_ngram, max_chain)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_chain_prior(path: str, size: int, mtime_ns: int, max_ngram: int, max_chain: int) -> np.ndarray:
+    """load_chain_prior's cached part: size and mtime_ns are in the key so that a rewritten file is read again."""
+    prior = chain_prior(*read_chain_counts(path), max_ngram, max_chain)
+    prior.flags.writeable = False
+    return prior
