@@ -72,6 +72,8 @@ def main() -> None:
     if min(args.passages, args.on_passage, args.prompts) < 0 or args.passages < 1 or args.max_new_tokens < 1 \
             or args.batch_size < 1 or args.max_ngram < 1 or args.max_chain < 1:
         raise SystemExit("need --passages, -n, --batch-size, --max-ngram, --max-chain >= 1 and the counts >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"--out {str(args.out)!r} exists and is not a directory")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.corpus is not None:
         try:
