@@ -82,7 +82,7 @@ class ServerMetrics:
         self.accepted_tokens.inc(accepted)
         self.emitted_tokens.inc(emitted)
         self._steps += 1
-        self._emitted += emitted
+        self._emitted += 1 + accepted  # what the step produced; a stop or EOS may cut what reaches the client
         self.mean_acceptance_length.set(self._emitted / self._steps)
         for d in range(drafted_depth):
             if d == len(self._drafted):
