@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from leapdecode.budget import LatencyCurve
 from leapdecode.drafters.base import StepResult
-from leapdecode.drafters.chain_stats import (PRIOR_STEPS, chain_counts, chain_prior, flat_prior, read_chain_counts,
-                                             write_chain_counts)
+from leapdecode.drafters.chain_stats import (PRIOR_STEPS, chain_counts, chain_prior, chain_walk, flat_prior,
+                                             read_chain_counts, write_chain_counts)
 from leapdecode.drafters.hybrid import ChainStats, Hybrid, merge_chain_and_tree
 from leapdecode.drafters.recycling import RecyclingTable
 from leapdecode.tree import children
@@ -135,6 +136,27 @@ def test_chain_counts_count_each_answer_position_as_a_decoding_step():
     stats.record(2, [3, 4, 1, 2], [3, 9])
     stats.record(3, [4, 1, 2, 3], [9])
     assert (stats.at_risk == at_risk).all() and (stats.survived == survived).all()
+
+
+def test_chain_walk_decodes_with_the_chain_alone():
+    # prompt 1 2 3 4, answer 1 2 3 9 (the example above). Step 1: no match, emits "1". Step 2: the 1-gram "1"
+    # matches; the chain 2 3 (cut to the 2 tokens before the answer's last) is right twice: with both nodes
+    # drafted the step emits 2 3 and the bonus 9
+    pairs = [([1, 2, 3, 4], [1, 2, 3, 9])]
+    oracle = chain_walk(pairs, np.zeros((5, 4)), price=0.5, oracle=True, max_chain=4)
+    assert (oracle.steps, oracle.tokens, oracle.rows, oracle.accepted, oracle.drafted) == (2, 4, 2, 2, 1)
+    assert oracle.speedup == pytest.approx(4 / (2 + 0.5 * 2))
+    likely, unlikely = np.full((5, 4), 0.9), np.full((5, 4), 0.3)
+    # a chain likely right is drafted in full at that price: (1 + .9 + .9) / (1 + 2 x .5) beats 1 and 1.9 / 1.5
+    assert chain_walk(pairs, likely, price=0.5, max_chain=4) == oracle
+    # one that is not is never drafted: plain decoding, one step per token
+    plain = chain_walk(pairs, unlikely, price=0.5, max_chain=4)
+    assert (plain.steps, plain.tokens, plain.rows, plain.drafted, plain.speedup) == (4, 4, 0, 0, 1.0)
+    # at price 0 every candidate node is worth its row; the walk drafts the chain wherever there is one
+    free = chain_walk(pairs, unlikely, price=0.0, max_chain=4)
+    assert free.tokens == 4 and free.rows >= 2 and free.speedup == pytest.approx(4 / free.steps)
+    with pytest.raises(ValueError, match="price"):
+        chain_walk(pairs, likely, price=-0.1)
 
 
 def test_chain_counts_round_trip_and_bad_files(tmp_path):

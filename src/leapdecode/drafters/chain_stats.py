@@ -20,6 +20,7 @@ import copy
 import functools
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,56 @@ def _load_chain_prior(path: str, size: int, mtime_ns: int, max_ngram: int, max_c
     prior = chain_prior(*read_chain_counts(path), max_ngram, max_chain)
     prior.flags.writeable = False
     return prior
+
+
+@dataclass(frozen=True)
+class ChainWalk:
+    """What decoding greedy answers with copy chains alone came to when each drafted row costs `price` of a plain
+    token (chain_walk). A plain step emits one token for one row's share of a step; a drafted row adds `price`."""
+
+    price: float
+    steps: int  # decoding steps (each emits its accepted tokens and one more)
+    tokens: int  # answer tokens emitted
+    rows: int  # drafted chain nodes verified
+    accepted: int  # of those, accepted
+    drafted: int  # steps that drafted at least one node
+
+    @property
+    def speedup(self) -> float:
+        """Tokens per unit of time against plain decoding (one unit per token): tokens / (steps + price x rows)."""
+        return self.tokens / (self.steps + self.price * self.rows) if self.tokens else 1.0
+
+
+
+def chain_walk(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], probs: np.ndarray, price: float,
+               oracle: bool = False, max_ngram: int = 4, max_chain: int = 32) -> ChainWalk:
+    """Decode each (prompt ids, greedy answer ids) pair step by step with the prompt-lookup chain as the only
+    draft, its length chosen per step with the chain's acceptance chances `probs` [max_ngram + 1, max_chain]
+    (P(first d + 1 nodes right) for match length n, e.g. cumprod of chain_prior) as the server's scheduler chooses
+    for one sequence: the k that maximises (1 + expected accepted) / (1 + price x k). With `oracle`, k is instead
+    exactly the number of chain tokens that are right: the most any estimate of these chains could gain at that
+    price. Drafters' own time is not counted. A step never drafts past the answer's end."""
+    if price < 0:
+        raise ValueError(f"price must be >= 0, got {price}")
+    steps = tokens = rows = accepted = drafted = 0
+    for prompt, answer in pairs:
+        buf = np.asarray(list(prompt) + list(answer), dtype=np.int64)  # [P + A]
+        t, end_of_answer = len(prompt), buf.shape[0]
+        while t < end_of_answer:
+            left = end_of_answer - t  # tokens this and later steps emit
+            n, end = find_match(buf[:t], max_ngram, 1)
+            k = right = 0
+            if n:
+                chain = continuation(buf[:t], end, min(max_chain, left - 1))  # [<= left - 1]
+                truth = buf[t: t + chain.shape[0]]
+                right = int(np.cumprod(chain == truth).sum())  # leading chain tokens that are right
+                if oracle:
+                    k = right
+                elif chain.shape[0]:
+                    gains = 1.0 + np.concatenate([[0.0], np.cumsum(probs[n][: chain.shape[0]])])  # [c + 1]
+                    k = int(np.argmax(gains / (1.0 + price * np.arange(gains.shape[0]))))
+            took = min(right, k)
+            steps, rows, accepted, tokens = steps + 1, rows + k, accepted + took, tokens + 1 + took
+            drafted += k > 0
+            t += 1 + took
+    return ChainWalk(price, steps, tokens, rows, accepted, drafted)
