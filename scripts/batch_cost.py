@@ -12,7 +12,9 @@ a batch step by before session 7).
 
 With --compare-attention it instead times every (W, k) twice in turn, attending through torch's SDPA (one call per
 sequence and layer, as before session 8) and through attend.c (one call per layer for all sequences), on the same
-weights and caches, and prints both medians and their ratio.
+weights and caches, and prints both medians and their ratio. With --compare-padded (a GPU's way, e.g. `--device
+cuda`): torch's SDPA once per sequence and layer against once per layer for all sequences over their padded
+caches (forward.PaddedBatch, session 13).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+
+import torch
 
 from leapdecode import load_model
 from leapdecode.drafters.base import Draft
@@ -37,10 +41,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--compare-attention", action="store_true",
                     help="time torch's SDPA against the attention kernel (attend.c) instead of the cost model")
+    ap.add_argument("--compare-padded", action="store_true",
+                    help="time SDPA per sequence against one SDPA call over the padded batch, instead of the model")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     drafts = [int(k) for k in args.drafts.split(",")]
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     batch = FastBatchRunner(model.runner("fast"), max(widths) + 4, capacity=args.context + 64)
     vocab = batch.vocab_size
     slots = [batch.allocate() for _ in range(max(widths))]
@@ -51,6 +58,8 @@ def main() -> None:
         entries = [(slots[b], 5, Draft.chain([(11 * j + b) % vocab for j in range(k)])) for b in range(width)]
         start = time.perf_counter()
         batch.verify(entries)
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
         seconds = time.perf_counter() - start
         for slot, _, _ in entries:
             batch.commit(slot, [])
@@ -61,6 +70,9 @@ def main() -> None:
         step(w, k)
     if args.compare_attention:
         compare_attention(batch, cells, step, args.repeats)
+        return
+    if args.compare_padded:
+        compare_padded(batch, cells, step, args.repeats)
         return
     times: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
     for _ in range(args.repeats):
@@ -99,6 +111,27 @@ def compare_attention(batch: FastBatchRunner, cells: list[tuple[int, int]], step
     for w, k in cells:
         sdpa, kernel = (statistics.median(times[(w, k, on)]) * 1000 for on in (False, True))
         print(f"| {w} | {k} | {w * (1 + k)} | {sdpa:.1f} | {kernel:.1f} | {sdpa / kernel:.2f} |")
+
+
+def compare_padded(batch: FastBatchRunner, cells: list[tuple[int, int]], step, repeats: int) -> None:
+    weights = batch.weights
+    if weights.cpu_attention:
+        raise SystemExit("attend.c does this model's attention here (a float32 CPU model): --compare-padded is for "
+                         "the torch path, e.g. --device cuda")
+    times: dict[tuple[int, int, bool], list[float]] = {(w, k, on): [] for w, k in cells for on in (False, True)}
+    for r in range(repeats):
+        for w, k in cells:
+            for on in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which goes first
+                weights.padded_attention = on
+                times[(w, k, on)].append(step(w, k))
+    weights.padded_attention = True
+    print(f"{batch.device}, median of {repeats} per cell, per-sequence and padded SDPA alternating, same weights "
+          f"and caches")
+    print("| sequences | nodes each | rows | per-sequence ms | padded ms | per-sequence / padded |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for w, k in cells:
+        each, padded = (statistics.median(times[(w, k, on)]) * 1000 for on in (False, True))
+        print(f"| {w} | {k} | {w * (1 + k)} | {each:.1f} | {padded:.1f} | {each / padded:.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from leapdecode.drafters.base import Draft
-from leapdecode.models.fast import FastRunner
+from leapdecode.models.fast import FastConfig, FastRunner
 from leapdecode.models.fast.batch import FastBatchRunner
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.engine import ServeConfig, batch_runner
@@ -27,10 +27,15 @@ def prompts() -> list[list[int]]:
     return [torch.randint(VOCAB, (n,), generator=g).tolist() for n in (9, 17, 30)]
 
 
-def test_batched_steps_match_single_sequence_runner(tiny, one_thread):
-    shared = FastRunner(tiny.hf_model)
+@pytest.mark.parametrize("attention", ["attend.c", "padded", "per-sequence"])
+def test_batched_steps_match_single_sequence_runner(tiny, one_thread, attention):
+    # without attend.c, the GPU's ways: one SDPA call per layer over the sequences' padded caches (PaddedBatch, the
+    # default), or one call per sequence and layer
+    config = FastConfig(cpu_attention=attention == "attend.c")
+    shared = FastRunner(tiny.hf_model, config)
+    shared.weights.padded_attention = attention == "padded"
     batch = FastBatchRunner(shared, max_batch=4, capacity=8)  # capacity 8: every cache grows
-    singles = [FastRunner(tiny.hf_model) for _ in prompts()]
+    singles = [FastRunner(tiny.hf_model, config) for _ in prompts()]
     slots = [batch.allocate() for _ in prompts()]
     for prompt, single, slot in zip(prompts(), singles, slots):
         single.prefill(prompt[:-1])
