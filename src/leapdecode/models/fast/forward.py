@@ -163,10 +163,10 @@ class PaddedBatch:
                          device=device)
         for b, seg in enumerate(segments):
             kv[:, b, : seg.length] = seg.cache.kv[:, : seg.length]
-        counts = torch.tensor([seg.rows for seg in segments])
-        batch_of_row = torch.repeat_interleave(torch.arange(len(segments)), counts).to(device)  # [R]
-        query_of_row = torch.cat([torch.arange(seg.rows) for seg in segments]).to(device)  # [R]
-        slot_of_row = torch.cat([seg.start + torch.arange(seg.rows, device=device) for seg in segments])  # [R]
+        batch_of_row = torch.tensor([b for b, seg in enumerate(segments) for _ in range(seg.rows)], device=device)
+        query_of_row = torch.tensor([r for seg in segments for r in range(seg.rows)], device=device)  # [R]
+        starts = torch.cat([seg.start for seg in segments])  # [B] on the device: no read-back
+        slot_of_row = starts[batch_of_row] + query_of_row  # [R]
         biases = {}
         for window in masks[0]:
             seen = torch.zeros(len(segments), rows, length, dtype=torch.bool, device=device)  # [B, rows, length]
@@ -195,9 +195,10 @@ class PaddedBatch:
 
     def write_back(self, segments: list[Segment]) -> None:
         """Copy each sequence's new slots (all layers) from the padded copy to its own cache."""
-        for b, seg in enumerate(segments):
-            slots = seg.start + torch.arange(seg.rows, device=self.kv.device)  # [rows]
-            seg.cache.kv.index_copy_(1, slots, self.kv[:, b].index_select(1, slots))
+        new = self.kv[:, self.batch_of_row, self.slot_of_row]  # [layers, R, 2, kv_heads, d]
+        for seg in segments:
+            rows = slice(seg.first, seg.first + seg.rows)
+            seg.cache.kv.index_copy_(1, self.slot_of_row[rows], new[:, rows])
 
 
 def attention(spec: Spec, kv_cache: torch.Tensor, qkv: torch.Tensor, slots: torch.Tensor, length: int,
