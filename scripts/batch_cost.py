@@ -39,11 +39,13 @@ def main() -> None:
     ap.add_argument("--drafts", default="0,1,2,4", help="chain nodes per sequence, comma-separated")
     ap.add_argument("--context", type=int, default=200, help="tokens in each sequence's cache")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--compare-attention", action="store_true",
-                    help="time torch's SDPA against the attention kernel (attend.c) instead of the cost model")
-    ap.add_argument("--compare-padded", action="store_true",
-                    help="time SDPA per sequence against one SDPA call over the padded batch, instead of the model")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    compare = ap.add_mutually_exclusive_group()
+    compare.add_argument("--compare-attention", action="store_true",
+                         help="time torch's SDPA against the attention kernel (attend.c) instead of the cost model")
+    compare.add_argument("--compare-padded", action="store_true",
+                         help="time SDPA per sequence against one SDPA call over the padded batch, instead of the "
+                              "cost model (where attend.c is not used, e.g. --device cuda)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     drafts = [int(k) for k in args.drafts.split(",")]
@@ -116,15 +118,15 @@ def compare_attention(batch: FastBatchRunner, cells: list[tuple[int, int]], step
 def compare_padded(batch: FastBatchRunner, cells: list[tuple[int, int]], step, repeats: int) -> None:
     weights = batch.weights
     if weights.cpu_attention:
-        raise SystemExit("attend.c does this model's attention here (a float32 CPU model): --compare-padded is for "
-                         "the torch path, e.g. --device cuda")
+        raise SystemExit("attend.c does this model's attention here (a float32 model on a CPU where it builds): "
+                         "--compare-padded is for torch's attention, e.g. --device cuda")
     times: dict[tuple[int, int, bool], list[float]] = {(w, k, on): [] for w, k in cells for on in (False, True)}
     for r in range(repeats):
         for w, k in cells:
             for on in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which goes first
                 weights.padded_attention = on
                 times[(w, k, on)].append(step(w, k))
-    weights.padded_attention = True
+    weights.padded_attention = None
     print(f"{batch.device}, median of {repeats} per cell, per-sequence and padded SDPA alternating, same weights "
           f"and caches")
     print("| sequences | nodes each | rows | per-sequence ms | padded ms | per-sequence / padded |")

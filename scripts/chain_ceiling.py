@@ -12,11 +12,13 @@ the only draft (leapdecode.drafters.chain_stats.chain_walk), at each price:
 
 - planned: the chain's length chosen per step from the shipped chain rates (chains.json) as the server chooses
   for one sequence, the k that maximises (1 + expected accepted) / (1 + price x k);
-- oracle: exactly the chain tokens that are right (no estimate can do better with these chains).
+- oracle: exactly the chain tokens that are right (per step, no estimate of these chains does better; none at a
+  price of 1 or more).
 
 It prints per price the decode speed-up over plain decoding (tokens / (steps + price x drafted rows)), tokens per
 step, drafted rows per step and how many of them were accepted. Drafters' own time, prefill and the recycling
-tree are left out: the figures bound what copy chains can add to a step of that price, before any overhead.
+tree are left out, and the chain rates stay as shipped (a server's hybrid also learns from each request's own
+steps): the figures bound what copy chains can add to a step of that price, before any overhead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from leapdecode.drafters.chain_stats import MAX_RATE, chain_walk, load_chain_prior
+
+MAX_NGRAM, MAX_CHAIN = 4, 32  # hybrid's defaults
 
 
 def answers(model_name: str, suite: str, prompts: int, max_new_tokens: int, batch_size: int, out: Path | None):
@@ -60,7 +64,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--prices", default="0,0.1,0.2,0.3,0.4,0.5,0.6",
                     help="comma-separated costs of a drafted row, in emitted tokens")
-    ap.add_argument("--chains", default="auto", help="chain counts: 'auto' = the ones shipped for the model, or a path")
+    ap.add_argument("--chains", default="auto", help="chain counts: 'auto' = the ones shipped for --model (loads "
+                    "the model to find them), or a path")
     ap.add_argument("--out", type=Path, help="also write the answers to DIR/corpus.jsonl")
     ap.add_argument("--corpus", type=Path, help="read (prompt ids, answer ids) from this corpus.jsonl instead")
     args = ap.parse_args()
@@ -70,12 +75,16 @@ def main() -> None:
         raise SystemExit(f"--prices must be comma-separated numbers, got {args.prices!r}") from None
     if min(prices) < 0 or args.prompts < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise SystemExit("need --prices >= 0 and --prompts, -n, --batch-size >= 1")
+    if args.corpus is not None and args.out is not None:
+        raise SystemExit("--out writes the answers this script generates; with --corpus there are none to write")
     if args.corpus is not None:
         try:
             rows = [json.loads(line) for line in args.corpus.read_text().splitlines() if line.strip()]
             pairs = [(r["prompt_ids"], r["answer_ids"]) for r in rows if not r.get("sampled", False)]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"--corpus {args.corpus}: not a corpus.jsonl with prompt_ids and answer_ids ({exc})")
+        if not any(answer for _, answer in pairs):
+            raise SystemExit(f"--corpus {args.corpus}: no greedy answers in it")
         model = None
     else:
         pairs, model = answers(args.model, args.suite, args.prompts, args.max_new_tokens, args.batch_size, args.out)
@@ -88,7 +97,7 @@ def main() -> None:
         if not chains:
             raise SystemExit(f"no chains.json is shipped for {args.model}; pass --chains PATH")
     try:
-        probs = np.cumprod(np.minimum(load_chain_prior(chains, 4, 32), MAX_RATE), axis=1)  # [n, d]
+        probs = np.cumprod(np.minimum(load_chain_prior(chains, MAX_NGRAM, MAX_CHAIN), MAX_RATE), axis=1)  # [n, d]
     except ValueError as exc:
         raise SystemExit(str(exc))
     print(f"{len(pairs)} answers, {sum(len(a) for _, a in pairs)} tokens; chain rates from {chains}")
@@ -96,7 +105,8 @@ def main() -> None:
           "| oracle speed-up | oracle tokens/step |")
     print("|---|---|---|---|---|---|---|---|")
     for price in prices:
-        plan, best = chain_walk(pairs, probs, price), chain_walk(pairs, probs, price, oracle=True)
+        plan = chain_walk(pairs, probs, price, max_ngram=MAX_NGRAM, max_chain=MAX_CHAIN)
+        best = chain_walk(pairs, probs, price, oracle=True, max_ngram=MAX_NGRAM, max_chain=MAX_CHAIN)
         print(f"| {price:.2f} | {plan.speedup:.3f}x | {plan.tokens / plan.steps:.2f} | {plan.rows / plan.steps:.2f} "
               f"| {plan.accepted / max(plan.rows, 1):.2f} | {plan.drafted / plan.steps:.1%} | {best.speedup:.3f}x "
               f"| {best.tokens / best.steps:.2f} |")

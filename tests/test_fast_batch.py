@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from leapdecode.drafters.base import Draft
-from leapdecode.models.fast import FastConfig, FastRunner
+from leapdecode.models.fast import FastConfig, FastRunner, attend, kernels
 from leapdecode.models.fast.batch import FastBatchRunner
+from leapdecode.models.fast.forward import PaddedBatch
 from leapdecode.serve.batch_runner import BatchRunner
 from leapdecode.serve.engine import ServeConfig, batch_runner
 from leapdecode.serve.scheduler import time_step
@@ -28,9 +29,17 @@ def prompts() -> list[list[int]]:
 
 
 @pytest.mark.parametrize("attention", ["attend.c", "padded", "per-sequence"])
-def test_batched_steps_match_single_sequence_runner(tiny, one_thread, attention):
+def test_batched_steps_match_single_sequence_runner(tiny, one_thread, attention, monkeypatch):
     # without attend.c, the GPU's ways: one SDPA call per layer over the sequences' padded caches (PaddedBatch, the
-    # default), or one call per sequence and layer
+    # default off the CPU), or one call per sequence and layer
+    if attention == "attend.c" and kernels.unavailable_reason():
+        pytest.skip(f"the CPU kernels did not build: {kernels.unavailable_reason()}")
+    used = {"attend.c": 0, "padded": 0}
+    gather, step = PaddedBatch.gather, attend.step
+    monkeypatch.setattr(PaddedBatch, "gather", staticmethod(
+        lambda *a, **k: used.__setitem__("padded", used["padded"] + 1) or gather(*a, **k)))
+    monkeypatch.setattr(attend, "step", lambda *a, **k: used.__setitem__("attend.c", used["attend.c"] + 1) or
+                        step(*a, **k))
     config = FastConfig(cpu_attention=attention == "attend.c")
     shared = FastRunner(tiny.hf_model, config)
     shared.weights.padded_attention = attention == "padded"
@@ -60,6 +69,7 @@ def test_batched_steps_match_single_sequence_runner(tiny, one_thread, attention)
     got = batch.verify([(slots[2], 6, Draft.chain([9, 3])), (slots[1], 5, Draft.empty())])  # any order
     torch.testing.assert_close(got[0], singles[2].verify(6, Draft.chain([9, 3])), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1], singles[1].verify(5, Draft.empty()), rtol=1e-4, atol=1e-4)
+    assert (used["attend.c"] > 0, used["padded"] > 0) == (attention == "attend.c", attention == "padded")
 
 
 def with_aux(tokens: list[int], parents: list[int]) -> Draft:
@@ -142,3 +152,19 @@ def test_the_server_batches_through_the_fast_forward_where_supported(tiny_models
     assert isinstance(batch_runner(model, "hf", 2), BatchRunner)
     with pytest.raises(ValueError, match="unknown runner 'turbo'"):
         ServeConfig(served_name="tiny", runner="turbo")
+
+
+def test_padded_attention_is_for_devices_and_batches_of_like_scans():
+    from types import SimpleNamespace
+
+    from leapdecode.models.fast.forward import PAD_WASTE, Segment
+
+    x = torch.zeros(1, 4)  # a CPU tensor
+    like = [Segment(None, 0, 1, None, None, length) for length in (64, 64, 128)]
+    default, forced = SimpleNamespace(padded_attention=None), SimpleNamespace(padded_attention=True)
+    assert not PaddedBatch.pays(default, x, like)  # None: off the CPU only
+    assert PaddedBatch.pays(forced, x, like)
+    assert not PaddedBatch.pays(SimpleNamespace(padded_attention=False), x, like)
+    # one long scan among many short ones: padding every sequence to it would scan over PAD_WASTE times the slots
+    unlike = [Segment(None, 0, 1, None, None, 4096)] + [Segment(None, 0, 1, None, None, 128)] * 15
+    assert 16 * 4096 > PAD_WASTE * (4096 + 15 * 128) and not PaddedBatch.pays(forced, x, unlike)

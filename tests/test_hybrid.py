@@ -154,9 +154,16 @@ def test_chain_walk_decodes_with_the_chain_alone():
     assert (plain.steps, plain.tokens, plain.rows, plain.drafted, plain.speedup) == (4, 4, 0, 0, 1.0)
     # at price 0 every candidate node is worth its row; the walk drafts the chain wherever there is one
     free = chain_walk(pairs, unlikely, price=0.0, max_chain=4)
-    assert free.tokens == 4 and free.rows >= 2 and free.speedup == pytest.approx(4 / free.steps)
+    assert (free.steps, free.tokens, free.rows) == (2, 4, 2) and free.speedup == 2.0
+    # an answer that repeats its prompt: the chain is right to the end, every answer token is emitted once
+    copied = chain_walk([([1, 2, 3, 4], [1, 2, 3, 4, 1, 2])], likely, price=0.1, oracle=True, max_chain=4)
+    assert copied.tokens == 6 and copied.steps == 2 and copied.accepted == 4
+    # at a price of 1 a right token costs what it brings: even the oracle drafts nothing
+    assert chain_walk(pairs, likely, price=1.0, oracle=True, max_chain=4).rows == 0
     with pytest.raises(ValueError, match="price"):
         chain_walk(pairs, likely, price=-0.1)
+    with pytest.raises(ValueError, match="probs"):
+        chain_walk(pairs, np.zeros((3, 4)), price=0.5, max_chain=4)
 
 
 def test_chain_counts_round_trip_and_bad_files(tmp_path):

@@ -209,12 +209,18 @@ def chain_walk(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], probs: np.n
                oracle: bool = False, max_ngram: int = 4, max_chain: int = 32) -> ChainWalk:
     """Decode each (prompt ids, greedy answer ids) pair step by step with the prompt-lookup chain as the only
     draft, its length chosen per step with the chain's acceptance chances `probs` [max_ngram + 1, max_chain]
-    (P(first d + 1 nodes right) for match length n, e.g. cumprod of chain_prior) as the server's scheduler chooses
-    for one sequence: the k that maximises (1 + expected accepted) / (1 + price x k). With `oracle`, k is instead
-    exactly the number of chain tokens that are right: the most any estimate of these chains could gain at that
-    price. Drafters' own time is not counted. A step never drafts past the answer's end."""
+    (P(first d + 1 nodes right) for match length n, e.g. cumprod of chain_prior) by the rule of the server's
+    scheduler for one sequence: the k that maximises (1 + expected accepted) / (1 + price x k). The chances stay
+    fixed (a server's hybrid also learns from each request's own steps). With `oracle`, k is instead exactly the
+    number of chain tokens that are right (none at a price of 1 or more, where a right token costs what it
+    brings): more than any estimate of these chains can gain per step at that price. Drafters' own time is not
+    counted. A step drafts at most up to the answer's second-to-last token, so its bonus token is still in the
+    answer."""
     if price < 0:
         raise ValueError(f"price must be >= 0, got {price}")
+    if probs.ndim != 2 or probs.shape[0] < max_ngram + 1 or probs.shape[1] < max_chain:
+        raise ValueError(f"probs must be [>= {max_ngram + 1}, >= {max_chain}] (match length, depth), got "
+                         f"{tuple(probs.shape)}")
     steps = tokens = rows = accepted = drafted = 0
     for prompt, answer in pairs:
         buf = np.asarray(list(prompt) + list(answer), dtype=np.int64)  # [P + A]
@@ -228,7 +234,7 @@ def chain_walk(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], probs: np.n
                 truth = buf[t: t + chain.shape[0]]
                 right = int(np.cumprod(chain == truth).sum())  # leading chain tokens that are right
                 if oracle:
-                    k = right
+                    k = right if price < 1.0 else 0
                 elif chain.shape[0]:
                     gains = 1.0 + np.concatenate([[0.0], np.cumsum(probs[n][: chain.shape[0]])])  # [c + 1]
                     k = int(np.argmax(gains / (1.0 + price * np.arange(gains.shape[0]))))

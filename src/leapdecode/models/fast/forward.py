@@ -1,10 +1,10 @@
 """The fast runner's forward pass: R rows (the root, the draft nodes, aux tokens, padding) against the static cache,
 or the rows of several sequences, each against its own cache (forward_batch, for the server's batched runner).
 
-Everything here is tensor code with shapes fixed by (R, length), so one call can be captured as a CUDA graph and
+A one-sequence pass is tensor code with shapes fixed by (R, length), so it can be captured as a CUDA graph and
 replayed: the per-step inputs (ids, positions, the first slot, the tree mask) live in tensors, never in Python
 numbers, and nothing reads a value back to the host (the CPU attention kernel's path reads the start slots; it
-never runs in a graph).
+never runs in a graph). A batch of sequences (the server's) runs eagerly: its shapes change every step.
 
 Attention. Row r is written at slot start + r and sees
 - every committed slot < start (the prefix),
@@ -23,8 +23,10 @@ layers. In a batch every projection runs once over all sequences' rows. Attentio
 - elsewhere, several sequences (a server's step on a GPU): one SDPA call per layer for all of them (PaddedBatch).
   Their caches are copied once per step, side by side, padded to the longest scan; each layer writes its new keys
   and values there, attends over it with padded queries and masks, and the new slots are copied back to every
-  sequence's cache after the last layer. A per-sequence call costs each sequence a dozen kernel launches per
-  layer, which made a 16-sequence step on an H200 five times longer than a one-sequence step.
+  sequence's cache after the last layer. Per-sequence calls cost kernel launches in proportion to the sequences
+  (a 16-sequence step on an H200 took 2.8x as long that way, BENCHMARKS.md 0j); the padded copy costs work in
+  proportion to sequences x longest scan, so a batch whose scans differ widely (more than PAD_WASTE times the
+  slots it needs) attends per sequence instead. Weights.padded_attention: None (default) = off the CPU only.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def forward_batch(spec: Spec, weights: Weights, ids: torch.Tensor, positions: to
                   segments: list[Segment], logits: bool = True) -> torch.Tensor | None:
     """Several sequences in one pass: ids [R] and positions [R] are their rows, one segment after the other.
 
-    Every projection multiplies all R rows at once (the weights are read once for the whole batch); attention runs
-    per segment against that sequence's own cache and mask. Returns logits [R, vocab] (None without `logits`)."""
+    Every projection multiplies all R rows at once (the weights are read once for the whole batch); each segment
+    attends against its own cache and mask (attend.c, PaddedBatch or per segment: see the module docstring).
+    Returns logits [R, vocab] (None without `logits`)."""
     x = F.embedding(ids, weights.embed)  # [R, hidden]
     if spec.embed_scale:
         x = x * weights.embed_scale
@@ -86,7 +89,7 @@ def forward_batch(spec: Spec, weights: Weights, ids: torch.Tensor, positions: to
                            [int(seg.start) for seg in segments], [seg.cache.kv for seg in segments], masks)
         attention_of = [partial(attend.attend, plan=plan, layer=i, window=spec.windows[i], heads=spec.n_heads,
                                 kv_heads=spec.n_kv_heads, scale=spec.attn_scale) for i in range(spec.n_layers)]
-    elif len(segments) > 1 and weights.padded_attention:
+    elif len(segments) > 1 and PaddedBatch.pays(weights, x, segments):
         padded = PaddedBatch.gather(spec, segments, masks, x.dtype)
         attention_of = [partial(padded.attention, spec=spec, layer=i) for i in range(spec.n_layers)]
     else:
@@ -141,6 +144,9 @@ def attention_per_sequence(qkv: torch.Tensor, spec: Spec, layer: int, segments: 
                       for seg, where, bias in zip(segments, slots, biases)])
 
 
+PAD_WASTE = 4.0  # a padded batch may scan at most this many times the slots its sequences need (PaddedBatch.pays)
+
+
 @dataclass(frozen=True)
 class PaddedBatch:
     """A step's sequences side by side, for one SDPA call per layer (see the module docstring): copies of their
@@ -151,6 +157,14 @@ class PaddedBatch:
     query_of_row: torch.Tensor  # [R] long: its row within its sequence
     slot_of_row: torch.Tensor  # [R] long: the cache slot it writes
     biases: dict[int | None, torch.Tensor]  # per window: additive mask [B, 1, group * rows, length]
+
+    @staticmethod
+    def pays(weights: Weights, x: torch.Tensor, segments: list[Segment]) -> bool:
+        """Whether a batch attends through one padded call per layer: as weights.padded_attention says (None: off
+        the CPU), and only where padding to the longest scan costs at most PAD_WASTE times the slots it needs."""
+        wanted = weights.padded_attention if weights.padded_attention is not None else x.device.type != "cpu"
+        longest, total = max(seg.length for seg in segments), sum(seg.length for seg in segments)
+        return wanted and len(segments) * longest <= PAD_WASTE * total
 
     @staticmethod
     def gather(spec: Spec, segments: list[Segment], masks: list[dict[int | None, torch.Tensor]],

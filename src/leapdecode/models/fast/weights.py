@@ -98,7 +98,8 @@ class Weights:
     rope: list[torch.Tensor]  # each [max_positions, 2, head_dim]: cos and sign-folded sin, in the model dtype
     lm_head_cpu: CpuLinear | None = None  # CPU only, see add_cpu_layouts
     cpu_attention: bool = False  # decode and verify attention through attend.c (CPU only, see add_cpu_layouts)
-    padded_attention: bool = True  # elsewhere, several sequences in one SDPA call per layer (forward.PaddedBatch)
+    # without attend.c, several sequences attend in one SDPA call per layer (forward.PaddedBatch): None = off the CPU
+    padded_attention: bool | None = None
 
 
 def add_cpu_layouts(weights: Weights, kernel: bool = True, attention: bool = True) -> None:
