@@ -95,17 +95,24 @@ def main() -> None:
               f"{calibrated.estimate(rows, w) * 1000:.1f} | {calibrated.curve(rows) * 1000:.1f} |")
 
 
+def alternate(cells: list[tuple[int, int]], step, repeats: int, switch) -> dict[tuple[int, int, bool], list[float]]:
+    """Seconds of every (W, k) step with switch(False) and switch(True) in turn, `repeats` times each, which of
+    the two goes first alternating per repeat."""
+    times: dict[tuple[int, int, bool], list[float]] = {(w, k, on): [] for w, k in cells for on in (False, True)}
+    for r in range(repeats):
+        for w, k in cells:
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                switch(on)
+                times[(w, k, on)].append(step(w, k))
+    return times
+
+
 def compare_attention(batch: FastBatchRunner, cells: list[tuple[int, int]], step, repeats: int) -> None:
     weights = batch.weights
     if not weights.cpu_attention or not attend.usable(weights.embed, batch.spec.head_dim, [1]):
         raise SystemExit("the attention kernel is not in use here (not a float32 CPU model, or it did not build: "
                          f"{kernels.unavailable_reason()})")
-    times: dict[tuple[int, int, bool], list[float]] = {(w, k, on): [] for w, k in cells for on in (False, True)}
-    for r in range(repeats):
-        for w, k in cells:
-            for on in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which goes first
-                weights.cpu_attention = on
-                times[(w, k, on)].append(step(w, k))
+    times = alternate(cells, step, repeats, lambda on: setattr(weights, "cpu_attention", on))
     weights.cpu_attention = True
     print(f"median of {repeats} per cell, SDPA and attend.c alternating, same weights and caches")
     print("| sequences | nodes each | rows | SDPA ms | attend.c ms | SDPA / attend.c |")
@@ -120,12 +127,7 @@ def compare_padded(batch: FastBatchRunner, cells: list[tuple[int, int]], step, r
     if weights.cpu_attention:
         raise SystemExit("attend.c does this model's attention here (a float32 model on a CPU where it builds): "
                          "--compare-padded is for torch's attention, e.g. --device cuda")
-    times: dict[tuple[int, int, bool], list[float]] = {(w, k, on): [] for w, k in cells for on in (False, True)}
-    for r in range(repeats):
-        for w, k in cells:
-            for on in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which goes first
-                weights.padded_attention = on
-                times[(w, k, on)].append(step(w, k))
+    times = alternate(cells, step, repeats, lambda on: setattr(weights, "padded_attention", on))
     weights.padded_attention = None
     print(f"{batch.device}, median of {repeats} per cell, per-sequence and padded SDPA alternating, same weights "
           f"and caches")
