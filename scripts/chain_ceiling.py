@@ -78,11 +78,12 @@ def main() -> None:
     if args.corpus is not None and args.out is not None:
         raise SystemExit("--out writes the answers this script generates; with --corpus there are none to write")
     if args.corpus is not None:
+        from leapdecode.distill import greedy_pairs
+
         try:
-            rows = [json.loads(line) for line in args.corpus.read_text().splitlines() if line.strip()]
-            pairs = [(r["prompt_ids"], r["answer_ids"]) for r in rows if not r.get("sampled", False)]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"--corpus {args.corpus}: not a corpus.jsonl with prompt_ids and answer_ids ({exc})")
+            pairs = greedy_pairs(args.corpus)
+        except ValueError as exc:
+            raise SystemExit(f"--corpus {exc}")
         if not any(answer for _, answer in pairs):
             raise SystemExit(f"--corpus {args.corpus}: no greedy answers in it")
         model = None

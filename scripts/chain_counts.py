@@ -76,11 +76,12 @@ def main() -> None:
         raise SystemExit(f"--out {str(args.out)!r} exists and is not a directory")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.corpus is not None:
+        from leapdecode.distill import greedy_pairs
+
         try:
-            rows = [json.loads(line) for line in args.corpus.read_text().splitlines() if line.strip()]
-            pairs = [(r["prompt_ids"], r["answer_ids"]) for r in rows if not r.get("sampled", False)]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"--corpus {args.corpus}: not a corpus.jsonl of leapdecode distill-tables ({exc})")
+            pairs = greedy_pairs(args.corpus)
+        except ValueError as exc:
+            raise SystemExit(f"--corpus {exc}")
         source = f"the {len(pairs)} greedy answers of {args.corpus.name}, scripts/chain_counts.py --corpus"
     else:
         pairs, source = sample_corpus(args.model, args.passages, args.on_passage, args.prompts, args.max_new_tokens,

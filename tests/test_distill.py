@@ -11,8 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from leapdecode.distill import (ON_PASSAGE, PASSAGE, TOPICS, corpus_prompts, generate_corpus, target_predictions,
-                                with_passages)
+from leapdecode.distill import (ON_PASSAGE, PASSAGE, TOPICS, corpus_prompts, generate_corpus, greedy_pairs,
+                                target_predictions, with_passages)
 from leapdecode.distill_cli import register
 from leapdecode.drafters.aded import ADED
 from leapdecode.drafters.chain_stats import chain_counts, read_chain_counts
@@ -217,3 +217,19 @@ def test_distill_tables_writes_loadable_tables(tmp_path, smollm2):
     assert (at_risk == expected[0]).all() and (survived == expected[1]).all()
     hybrid = make_drafter("hybrid", {"chain_prior": str(out / "chains.json")}, target=smollm2)
     assert hybrid.chain_stats.probs(1).shape == (32,)
+
+
+def test_greedy_pairs_reads_the_greedy_answers_of_a_corpus(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "a", "sampled": False, "prompt_ids": [1, 2], "answer_ids": [3]},
+        {"prompt": "a", "sampled": True, "prompt_ids": [1, 2], "answer_ids": [4]},
+        {"prompt": "b", "prompt_ids": [5], "answer_ids": []}]) + "\n\n")
+    assert greedy_pairs(corpus) == [([1, 2], [3]), ([5], [])]
+    bad = tmp_path / "bad.jsonl"
+    for text in ('{"prompt_ids": [1]}\n', "not json\n", "[1, 2]\n"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="bad.jsonl"):
+            greedy_pairs(bad)
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        greedy_pairs(tmp_path / "missing.jsonl")

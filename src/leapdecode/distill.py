@@ -18,9 +18,11 @@ The tables only decide what is drafted; the acceptance rule decides what is emit
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,6 +179,16 @@ class Predictions:
 
 
 @torch.inference_mode()
+def greedy_pairs(path: str | Path) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of the greedy answers in a corpus.jsonl that `leapdecode distill-tables` (or
+    scripts/chain_counts.py, scripts/chain_ceiling.py) wrote; ValueError naming the file when it is not one."""
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        return [(list(r["prompt_ids"]), list(r["answer_ids"])) for r in rows if not r.get("sampled", False)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a corpus.jsonl with prompt_ids and answer_ids per line ({exc})") from None
+
+
 def target_predictions(model, pairs: Sequence[tuple[list[int], list[int]]], top_k: int = 8,
                        tokens_per_batch: int = 8192, progress=None) -> Predictions:
     """Run the target over prompt + answer and keep its top-k at the last prompt position and at every answer
