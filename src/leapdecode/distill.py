@@ -178,7 +178,6 @@ class Predictions:
     probs: np.ndarray
 
 
-@torch.inference_mode()
 def greedy_pairs(path: str | Path) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of the greedy answers in a corpus.jsonl that `leapdecode distill-tables` (or
     scripts/chain_counts.py, scripts/chain_ceiling.py) wrote; ValueError naming the file when it is not one."""
@@ -189,6 +188,7 @@ def greedy_pairs(path: str | Path) -> list[tuple[list[int], list[int]]]:
         raise ValueError(f"{path}: not a corpus.jsonl with prompt_ids and answer_ids per line ({exc})") from None
 
 
+@torch.inference_mode()
 def target_predictions(model, pairs: Sequence[tuple[list[int], list[int]]], top_k: int = 8,
                        tokens_per_batch: int = 8192, progress=None) -> Predictions:
     """Run the target over prompt + answer and keep its top-k at the last prompt position and at every answer
