@@ -35,6 +35,14 @@ MAX_RATE = 0.98  # a chain node is never taken for certain
 COUNTS_FORMAT = "leapdecode-chain-counts-1"
 
 
+def agreement(chain: Sequence[int], emitted: Sequence[int]) -> int:
+    """How many leading tokens of `chain` equal the emitted (or true) tokens that follow."""
+    agree = 0
+    while agree < len(chain) and agree < len(emitted) and chain[agree] == emitted[agree]:
+        agree += 1
+    return agree
+
+
 def flat_prior(max_ngram: int, max_chain: int) -> np.ndarray:
     """[max_ngram + 1, max_chain] the built-in prior rates: CHAIN_PRIOR per n at every depth (row 0 unused)."""
     per_n = [CHAIN_PRIOR[min(n, len(CHAIN_PRIOR)) - 1] if n else 0.0 for n in range(max_ngram + 1)]
@@ -89,9 +97,7 @@ class ChainStats:
         return self._probs[n]
 
     def record(self, n: int, chain: Sequence[int], emitted: Sequence[int]) -> None:
-        agree = 0
-        while agree < len(chain) and agree < len(emitted) and chain[agree] == emitted[agree]:
-            agree += 1
+        agree = agreement(chain, emitted)
         # depths tried: up to the first wrong one; when the chain agreed with every emitted token, no further
         tried = min(len(chain), agree + 1) if agree < len(emitted) else agree
         self.at_risk[n, :tried] += 1
@@ -204,7 +210,6 @@ class ChainWalk:
         return self.tokens / (self.steps + self.price * self.rows) if self.tokens else 1.0
 
 
-
 def chain_walk(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], probs: np.ndarray, price: float,
                oracle: bool = False, max_ngram: int = 4, max_chain: int = 32) -> ChainWalk:
     """Decode each (prompt ids, greedy answer ids) pair step by step with the prompt-lookup chain as the only
@@ -231,8 +236,7 @@ def chain_walk(pairs: Iterable[tuple[Sequence[int], Sequence[int]]], probs: np.n
             k = right = 0
             if n:
                 chain = continuation(buf[:t], end, min(max_chain, left - 1))  # [<= left - 1]
-                truth = buf[t: t + chain.shape[0]]
-                right = int(np.cumprod(chain == truth).sum())  # leading chain tokens that are right
+                right = agreement(chain.tolist(), buf[t: t + chain.shape[0]].tolist())  # leading tokens right
                 if oracle:
                     k = right if price < 1.0 else 0
                 elif chain.shape[0]:

@@ -5,8 +5,8 @@ padded), on the fast runner's weights (shared with the Model's FastRunner, not c
 StaticCache; a step concatenates every sequence's rows (root, draft nodes, aux tokens), runs each projection once
 over all of them (on a CPU the weights are streamed once per step, whatever the batch), and each sequence attends
 against its own cache with its own tree mask (forward.forward_batch: attend.c on a CPU, one padded SDPA call per
-layer on a GPU). No padding rows: a sequence that drafts
-nothing costs one row, and sequences still prefilling are simply not in the step.
+layer on a GPU). No padding rows: a sequence that drafts nothing costs one row, and sequences still prefilling
+are simply not in the step.
 
 Eager only (no CUDA graphs): ragged batches change shape every step. The invariant is FastRunner's: committed slot
 s of a sequence's cache holds its token at position s; the root is not in the cache.
