@@ -49,7 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     drafts = [int(k) for k in args.drafts.split(",")]
-    model = load_model(args.model, device=args.device)
+    try:
+        model = load_model(args.model, device=args.device)
+    except ValueError as exc:  # an unknown model or device
+        raise SystemExit(str(exc)) from None
     batch = FastBatchRunner(model.runner("fast"), max(widths) + 4, capacity=args.context + 64)
     vocab = batch.vocab_size
     slots = [batch.allocate() for _ in range(max(widths))]
